@@ -1,0 +1,71 @@
+//! The operations every backend implements, on arguments the dispatcher has already validated.
+
+pub(crate) mod cpu;
+
+use crate::error::Result;
+use crate::handle::HandleInner;
+use crate::output::{
+    CachedDispatchOutput, CombineBackwardOutput, CombineOutput, DispatchBackwardOutput,
+    DispatchOutput,
+};
+use crate::tensor::{Device, TensorRef};
+
+/// A backend's private routing state inside a [`crate::Handle`].
+pub(crate) enum BackendHandle {
+    Cpu(cpu::CpuHandle),
+}
+
+/// Dispatch arguments after validation: shapes, dtypes and devices match the config.
+pub(crate) struct DispatchArgs<'a> {
+    pub x: TensorRef<'a>,
+    /// Read in place by device backends; the CPU backend uses `topk_host`.
+    #[allow(dead_code)]
+    pub topk_idx: TensorRef<'a>,
+    /// `topk_idx` read to the host as i32 and range-checked, when it lives on the host.
+    pub topk_host: Option<Vec<i32>>,
+    pub weights: Option<TensorRef<'a>>,
+    pub scales: Option<TensorRef<'a>>,
+}
+
+/// What dispatch produces: the output and the handle's fields.
+pub(crate) struct Dispatched {
+    pub output: DispatchOutput,
+    pub num_rows: usize,
+    pub out_rows: usize,
+    pub state: BackendHandle,
+}
+
+pub(crate) trait Backend: Send {
+    /// Where this backend wants its inputs.
+    fn device(&self) -> Device;
+
+    fn dispatch(&mut self, args: DispatchArgs<'_>) -> Result<Dispatched>;
+
+    fn dispatch_cached(
+        &mut self,
+        handle: &HandleInner,
+        x: TensorRef<'_>,
+        scales: Option<TensorRef<'_>>,
+    ) -> Result<CachedDispatchOutput>;
+
+    fn combine(
+        &mut self,
+        handle: &HandleInner,
+        y: TensorRef<'_>,
+        weights: Option<TensorRef<'_>>,
+    ) -> Result<CombineOutput>;
+
+    fn dispatch_backward(
+        &mut self,
+        handle: &HandleInner,
+        grad_recv: TensorRef<'_>,
+        grad_recv_weights: Option<TensorRef<'_>>,
+    ) -> Result<DispatchBackwardOutput>;
+
+    fn combine_backward(
+        &mut self,
+        handle: &HandleInner,
+        grad_out: TensorRef<'_>,
+        y: Option<TensorRef<'_>>,
+    ) -> Result<CombineBackwardOutput>;
+}
