@@ -1,0 +1,3 @@
+//! The unsafe edge: one module per foreign API, each stating the invariants its calls rely on.
+
+pub(crate) mod cuda_driver;
