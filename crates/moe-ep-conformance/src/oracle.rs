@@ -816,11 +816,7 @@ pub fn compare_dispatch(
     presence("scales", expected.scales.is_some(), &actual.scales)?;
     if let (Some(e), Some(a)) = (&expected.scales, &actual.scales) {
         same_rows("scales", a)?;
-        let sc = if rows > 0 {
-            e.len() / rows
-        } else {
-            a.dims().get(1).copied().unwrap_or(0)
-        };
+        let sc = e.len().checked_div(rows).unwrap_or(0);
         compare_f32("scales", sc, rows, skip, e, &tensor_f32("scales", a)?)?;
     }
 
