@@ -1,0 +1,166 @@
+//! Command-line flags (clap). Flag-level checks live here, so clap reports them naming the flag and
+//! exits with status 2; checks that need several flags or the library happen in `bench`.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use moe_ep::DType;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "moe-ep",
+    version,
+    about = "Mixture-of-Experts expert-parallel dispatch/combine: benchmark and backend info"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Time dispatch and combine over a range of token counts and check them against the oracle.
+    Bench(BenchArgs),
+    /// List the backends this build knows, whether they can run here, and the CUDA devices.
+    Info,
+}
+
+/// Which backend `bench` runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendChoice {
+    /// The best available backend.
+    Auto,
+    /// Ranks as threads of this process.
+    Cpu,
+    /// CUDA (NVLink) backend.
+    Cuda,
+}
+
+/// Row order of the dispatch output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LayoutChoice {
+    /// One row per (source rank, token).
+    TokenMajor,
+    /// One row per (source, token, slot), grouped by local expert, groups aligned to `--align`.
+    ExpertMajor,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Backend to run on.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+
+    /// Number of ranks.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub world: u32,
+
+    /// Hidden size H (elements per token).
+    #[arg(long, default_value_t = 7168, value_parser = clap::value_parser!(u32).range(1..))]
+    pub hidden: u32,
+
+    /// Number of experts E, placed contiguously (E must be a multiple of --world).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub num_experts: u32,
+
+    /// Experts per token K (distinct, at most --num-experts).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub topk: u32,
+
+    /// Element type of the tokens: bf16, f16, f32 or fp8_e4m3 (fp8 combines in bf16 and carries
+    /// ceil(H/128) f32 scales per token).
+    #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
+    pub dtype: DType,
+
+    /// Comma-separated tokens per rank T to run, e.g. 1,128,512,4096 (0 allowed).
+    #[arg(long, default_value = "1,128,512,4096", value_parser = parse_tokens)]
+    pub tokens: TokenList,
+
+    /// Dispatch output layout.
+    #[arg(long, value_enum, default_value_t = LayoutChoice::TokenMajor)]
+    pub layout: LayoutChoice,
+
+    /// Row alignment of each expert's group (expert-major only) [default: 128].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub align: Option<u32>,
+
+    /// Untimed iterations per T.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: u32,
+
+    /// Timed iterations per T.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub iters: u32,
+
+    /// Seed of the random routing, weights and token values.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Also write every figure (config, samples, medians, bytes, checks) to this JSON file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+/// The `--tokens` list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenList(pub Vec<usize>);
+
+/// Payload types dispatch accepts.
+const DTYPES: &str = "bf16, f16, f32 or fp8_e4m3";
+
+fn parse_dtype(s: &str) -> Result<DType, String> {
+    match DType::parse(s) {
+        Some(d) if d.is_payload() => Ok(d),
+        _ => Err(format!("expected one of {DTYPES}")),
+    }
+}
+
+fn parse_tokens(s: &str) -> Result<TokenList, String> {
+    let mut out = Vec::new();
+    for (i, part) in s.split(',').enumerate() {
+        let part = part.trim();
+        if part.is_empty() {
+            return Err(format!(
+                "entry {} is empty: expected a comma-separated list of token counts like 1,128,512",
+                i + 1
+            ));
+        }
+        let t: u64 = part
+            .parse()
+            .map_err(|_| format!("`{part}` is not a token count (a non-negative integer)"))?;
+        if t > u64::from(u32::MAX) {
+            return Err(format!("T = {t} is larger than {} (u32::MAX)", u32::MAX));
+        }
+        let t = usize::try_from(t).map_err(|_| format!("T = {t} does not fit this machine"))?;
+        out.push(t);
+    }
+    Ok(TokenList(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_lists() {
+        assert_eq!(parse_tokens("0,1, 7").unwrap(), TokenList(vec![0, 1, 7]));
+        assert!(parse_tokens("").is_err());
+        assert!(parse_tokens("1,,2").is_err());
+        assert!(parse_tokens("-1").is_err());
+        assert!(parse_tokens("4294967296").is_err());
+        assert!(parse_tokens("4294967295").is_ok());
+    }
+
+    #[test]
+    fn dtypes() {
+        assert_eq!(parse_dtype("bf16").unwrap(), DType::BF16);
+        assert_eq!(parse_dtype("fp8").unwrap(), DType::Fp8E4M3);
+        assert!(parse_dtype("i32").is_err());
+        assert!(parse_dtype("f64").is_err());
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}
