@@ -97,14 +97,29 @@ pub(crate) fn scale(weight: f32, row: &[u8], out: &mut [u8], dtype: DType) {
     })
 }
 
-/// `sum over h ascending of a[h] * b[h]`, each step a fused multiply-add from 0.
+/// Lanes of the warp-shaped dot product (a GPU warp's width).
+pub(crate) const DOT_LANES: usize = 32;
+
+/// `dot(a, b)` in the order a GPU warp computes it, so every backend gets the same bits: lane `l`
+/// accumulates `a[h] * b[h]` for `h = l, l + 32, l + 64, ...` with fused multiply-adds from 0, then
+/// the lanes are folded by halves (`p[l] += p[l + 16]`, then 8, 4, 2, 1) and lane 0 is the result.
 pub(crate) fn dot(a: &[u8], b: &[u8], dtype: DType) -> f32 {
     with_reducible!(dtype, T, {
         let a: &[T] = bytemuck::cast_slice(a);
         let b: &[T] = bytemuck::cast_slice(b);
-        a.iter()
-            .zip(b)
-            .fold(0f32, |acc, (&x, &y)| x.widen().mul_add(y.widen(), acc))
+        let mut lanes = [0f32; DOT_LANES];
+        for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
+            let lane = &mut lanes[i % DOT_LANES];
+            *lane = x.widen().mul_add(y.widen(), *lane);
+        }
+        let mut width = DOT_LANES / 2;
+        while width > 0 {
+            for l in 0..width {
+                lanes[l] += lanes[l + width];
+            }
+            width /= 2;
+        }
+        lanes[0]
     })
 }
 
