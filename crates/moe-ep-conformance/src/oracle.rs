@@ -1,4 +1,5 @@
-//! The naive oracle: the semantics contract (`SPEC.md`, `docs/semantics.md`) written as plain loops
+//! The naive oracle: the semantics contract (`SPEC.md`, as made precise by `docs/semantics.md`)
+//! written as plain loops
 //! over (source rank, token, slot), on plain `Vec`s. It shares no code with any backend; only the
 //! compare functions look at the library's output types.
 //!
@@ -446,13 +447,16 @@ fn reduce_back(
 }
 
 /// Per-slot sum of per-row weights back to the source: `[T, K]`. Token-major rows carry `[rows, K]`,
-/// expert-major rows `[rows]`. Each rank of D(t) contributes the owner's value for slots it owns
-/// and 0.0 otherwise, summed over ascending d from 0.0.
+/// expert-major rows `[rows]`. Summed over the ranks d of D(t) ascending, from 0.0. With
+/// `owner_only` (the backward of dispatch) each rank contributes its value only for the slots whose
+/// expert it owns, 0.0 for the others; without (token-major combine) every rank's `[row, k]` value
+/// is summed.
 fn reduce_weights_back(
     p: &Problem,
     inputs: &[RankInput],
     r: &Routes,
     rw: &[Vec<f32>],
+    owner_only: bool,
 ) -> Vec<Vec<f32>> {
     let k_ = p.topk;
     inputs
@@ -466,7 +470,7 @@ fn reduce_weights_back(
                 for (k, &e) in topk.iter().enumerate() {
                     let mut acc = 0.0f32;
                     for &d in &dests {
-                        let owner = e >= 0 && p.rank_of(e as usize) == d;
+                        let owner = !owner_only || (e >= 0 && p.rank_of(e as usize) == d);
                         let v = match p.align() {
                             None => {
                                 let row = r.token_row[d][s][t].expect("routed");
@@ -477,7 +481,8 @@ fn reduce_weights_back(
                                 }
                             }
                             Some(_) => {
-                                if owner {
+                                // Expert-major rows exist only on the owner.
+                                if e >= 0 && p.rank_of(e as usize) == d {
                                     rw[d][r.slot_row[d][s][t * k_ + k].expect("routed")]
                                 } else {
                                     0.0
@@ -521,7 +526,7 @@ pub fn combine(
         }
     };
     let ws = match (p.align(), weights) {
-        (None, Some(ws)) => Some(reduce_weights_back(p, inputs, &r, ws)),
+        (None, Some(ws)) => Some(reduce_weights_back(p, inputs, &r, ws, false)),
         _ => None,
     };
     xs.into_iter()
@@ -544,7 +549,7 @@ pub fn dispatch_backward(
 ) -> Vec<(Vec<u8>, Option<Vec<f32>>)> {
     let r = routes(p, inputs);
     let gx = reduce_back(p, inputs, &r, grad_recv, None);
-    let gw = grad_recv_weights.map(|w| reduce_weights_back(p, inputs, &r, w));
+    let gw = grad_recv_weights.map(|w| reduce_weights_back(p, inputs, &r, w, true));
     gx.into_iter()
         .enumerate()
         .map(|(s, g)| (g, gw.as_ref().map(|w| w[s].clone())))
@@ -599,18 +604,34 @@ pub fn combine_backward(
                     }
                     let d = p.rank_of(e as usize);
                     let row = r.slot_row[d][s][t * k_ + k].expect("routed");
-                    let mut acc = 0.0f32;
-                    for h in 0..hd {
-                        acc = widen(cd, &grad_out[s], t * hd + h)
-                            .mul_add(widen(cd, &y[d], row * hd + h), acc);
-                    }
-                    out[t * k_ + k] = acc;
+                    out[t * k_ + k] = warp_dot(
+                        (0..hd).map(|h| widen(cd, &grad_out[s], t * hd + h)),
+                        (0..hd).map(|h| widen(cd, &y[d], row * hd + h)),
+                    );
                 }
             }
             Some(out)
         })
         .collect();
     (grad_y, grad_w)
+}
+
+/// The f32 dot product in the order of a 32-lane GPU warp (docs/semantics.md, combine_backward):
+/// lane l accumulates `a[h] * b[h]` for `h = l, l + 32, ...` with fused multiply-adds from +0.0;
+/// then the lanes fold by halves (`p[l] = p[l] + p[l + 16]` for l < 16, then 8, 4, 2, 1).
+pub fn warp_dot(a: impl Iterator<Item = f32>, b: impl Iterator<Item = f32>) -> f32 {
+    let mut p = [0.0f32; 32];
+    for (h, (x, y)) in a.zip(b).enumerate() {
+        p[h % 32] = x.mul_add(y, p[h % 32]);
+    }
+    let mut half = 16;
+    while half > 0 {
+        for l in 0..half {
+            p[l] += p[l + half];
+        }
+        half /= 2;
+    }
+    p[0]
 }
 
 // ---------------------------------------------------------------------------------------------
