@@ -10,8 +10,9 @@
 
 use crate::oracle::{self, ExpectedDispatch, Problem, RankInput};
 use moe_ep::{
-    DType, Dispatcher, EpConfig, Group, Handle, Layout, OutputSizing, PlacementSpec, Tensor,
-    TensorRef,
+    CachedDispatchOutput, CombineBackwardOutput, CombineOutput, DType, DispatchBackwardOutput,
+    DispatchOutput, Dispatcher, EpConfig, Group, Handle, Layout, OutputSizing, PlacementSpec,
+    Tensor, TensorRef,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -189,7 +190,7 @@ pub fn random_f32(rng: &mut StdRng, n: usize, values: Values) -> Vec<f32> {
 }
 
 /// How `topk_idx` is drawn.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Routing {
     /// Each slot an expert uniformly, or -1 with probability `drop`; duplicates happen naturally
     /// when `distinct` is false.
@@ -199,6 +200,8 @@ pub enum Routing {
     /// Cycles through the -1 patterns per token: all -1, every other slot, first only, last 1,
     /// last K-1, none.
     DropPatterns,
+    /// Exactly these ids, per rank (`[T_r * K]`); the token counts must match.
+    Fixed(Vec<Vec<i32>>),
 }
 
 /// `[t, k]` expert ids.
@@ -207,13 +210,14 @@ pub fn random_routing(
     t: usize,
     k: usize,
     e: usize,
-    routing: Routing,
+    routing: &Routing,
 ) -> Vec<i32> {
     let mut idx = vec![-1i32; t * k];
     for tt in 0..t {
         let row = &mut idx[tt * k..(tt + 1) * k];
         match routing {
-            Routing::Random { drop, distinct } => {
+            Routing::Fixed(_) => unreachable!("fixed routing is not drawn"),
+            &Routing::Random { drop, distinct } => {
                 let mut taken: Vec<i32> = Vec::new();
                 for slot in row.iter_mut() {
                     if rng.random_bool(drop) {
@@ -389,7 +393,10 @@ pub fn prepare(sc: &Scenario, p: &Problem) -> Vec<LayerData> {
                     RankInput {
                         num_tokens: t,
                         x: random_payload(&mut rng, sc.dtype, t * h, sc.values),
-                        topk_idx: random_routing(&mut rng, t, k, sc.num_experts, sc.routing),
+                        topk_idx: match &sc.routing {
+                            Routing::Fixed(ids) => ids[r].clone(),
+                            other => random_routing(&mut rng, t, k, sc.num_experts, other),
+                        },
                         weights: sc.weights.then(|| random_f32(&mut rng, t * k, sc.values)),
                         scales: (sc.scale_columns > 0)
                             .then(|| random_f32(&mut rng, t * sc.scale_columns, sc.values)),
@@ -518,6 +525,14 @@ fn opt_f32(
     }
 }
 
+/// The config, oracle problem and layer data of a scenario.
+pub fn setup(sc: &Scenario) -> Result<(EpConfig, Problem, Vec<LayerData>), String> {
+    let config = sc.config()?;
+    let p = Problem::from_config(&config, sc.world);
+    let layers = prepare(sc, &p);
+    Ok((config, p, layers))
+}
+
 /// Runs `sc` on `backend`: every layer's dispatch, then in reverse layer order combine, cached
 /// dispatch, dispatch_backward and combine_backward, each compared with the oracle bit for bit.
 pub fn run_scenario(
@@ -542,25 +557,67 @@ fn run_rank(
     group: Group,
 ) -> Result<RankOutputs, String> {
     let rank = group.rank();
-    let (k, h) = (sc.topk, sc.hidden);
-    let (dt, cd) = (p.dtype, p.combine_dtype);
-    let expert_major = !matches!(sc.layout, Layout::TokenMajor);
-    let wcols = if expert_major { 1 } else { k };
     let mut ep = Dispatcher::new(&group, config.clone())
         .map_err(|e| format!("rank {rank}: Dispatcher::new: {e}"))?;
-    let mut fails: Vec<String> = Vec::new();
-    let mut note = |what: String, r: Result<(), String>| {
-        if let Err(e) = r {
-            fails.push(format!("rank {rank}, {what}: {e}"));
-        }
-    };
-    let mut outs = RankOutputs::default();
-    let mut handles: Vec<Handle> = Vec::new();
+    run_layers_on(&mut ep, sc, p, layers)
+}
 
-    for (l, layer) in layers.iter().enumerate() {
+/// One rank's steps of a scenario on an existing dispatcher. Each step makes one valid call and
+/// compares its result with the oracle: a library error is returned as `Err`, a mismatch is
+/// recorded in `fails` (so that the rank keeps making the collective calls its peers expect).
+pub struct Steps<'a> {
+    pub sc: &'a Scenario,
+    pub p: &'a Problem,
+    pub rank: usize,
+    pub fails: Vec<String>,
+}
+
+impl<'a> Steps<'a> {
+    pub fn new(sc: &'a Scenario, p: &'a Problem, rank: usize) -> Steps<'a> {
+        Steps {
+            sc,
+            p,
+            rank,
+            fails: Vec::new(),
+        }
+    }
+
+    fn note(&mut self, what: String, r: Result<(), String>) {
+        if let Err(e) = r {
+            self.fails.push(format!("rank {}, {what}: {e}", self.rank));
+        }
+    }
+
+    fn expert_major(&self) -> bool {
+        !matches!(self.sc.layout, Layout::TokenMajor)
+    }
+
+    fn wdims(&self, rows: usize) -> Vec<usize> {
+        if self.expert_major() {
+            vec![rows]
+        } else {
+            vec![rows, self.sc.topk]
+        }
+    }
+
+    /// Mismatches so far, as one error.
+    pub fn finish(&self) -> Result<(), String> {
+        if self.fails.is_empty() {
+            Ok(())
+        } else {
+            Err(self.fails.join("\n"))
+        }
+    }
+
+    /// The staged dispatch inputs of this rank in `layer`: (x, topk_idx, weights, scales).
+    pub fn dispatch_inputs(
+        &self,
+        layer: &LayerData,
+    ) -> (Staged, Staged, Option<Staged>, Option<Staged>) {
+        let (sc, rank) = (self.sc, self.rank);
         let inp = &layer.inputs[rank];
-        let t = inp.num_tokens;
-        let x = Staged::new(&inp.x, &[t, h], dt);
+        let (t, k, h) = (inp.num_tokens, sc.topk, sc.hidden);
+        let x = Staged::new(&inp.x, &[t, h], self.p.dtype);
         let topk = if sc.topk_i64 {
             let v: Vec<i64> = inp.topk_idx.iter().map(|&e| e as i64).collect();
             Staged::i64(&v, &[t, k])
@@ -572,6 +629,19 @@ fn run_rank(
             .scales
             .as_ref()
             .map(|s| Staged::f32(s, &[t, sc.scale_columns]));
+        (x, topk, w, s)
+    }
+
+    /// Valid dispatch of `layer`, checked (payload, metadata, counts, output sizing).
+    pub fn dispatch(
+        &mut self,
+        ep: &mut Dispatcher,
+        l: usize,
+        layer: &LayerData,
+    ) -> Result<(DispatchOutput, Handle), String> {
+        let rank = self.rank;
+        let t = layer.inputs[rank].num_tokens;
+        let (x, topk, w, s) = self.dispatch_inputs(layer);
         let (out, handle) = ep
             .dispatch(
                 x.view(),
@@ -581,11 +651,11 @@ fn run_rank(
             )
             .map_err(|e| format!("rank {rank}, layer {l}, dispatch: {e}"))?;
         let exp = &layer.dispatch[rank];
-        note(
+        self.note(
             format!("layer {l}, dispatch"),
             oracle::compare_dispatch(exp, &out),
         );
-        let sizing = match sc.sizing {
+        let sizing = match self.sc.sizing {
             OutputSizing::Capacity => {
                 if out.x.rows() != ep.recv_capacity() {
                     Err(format!(
@@ -609,9 +679,9 @@ fn run_rank(
                 Some(_) => Ok(()),
             },
         };
-        note(format!("layer {l}, dispatch output sizing"), sizing);
+        self.note(format!("layer {l}, dispatch output sizing"), sizing);
         if handle.num_tokens() != t {
-            note(
+            self.note(
                 format!("layer {l}, handle"),
                 Err(format!(
                     "num_tokens: expected {t}, got {}",
@@ -619,63 +689,76 @@ fn run_rank(
                 )),
             );
         }
-        let xb = exp.rows * h * dt.size();
-        outs.recv_x
-            .push(fetch(&out.x)[..xb.min(out.x.host_bytes().len())].to_vec());
-        outs.recv_weights.push(out.topk_weights.as_ref().map(|w| {
-            let v = w.to_vec::<f32>().unwrap_or_default();
-            v[..(exp.rows * wcols).min(v.len())].to_vec()
-        }));
-        handles.push(handle);
+        Ok((out, handle))
     }
 
-    for outs_vec in [&mut outs.combine_x, &mut outs.grad_x, &mut outs.grad_y] {
-        outs_vec.resize(layers.len(), Vec::new());
-    }
-    outs.grad_weights.resize(layers.len(), None);
-    outs.combine_grad_weights.resize(layers.len(), None);
-
-    for l in (0..layers.len()).rev() {
-        let layer = &layers[l];
-        let handle = &handles[l];
-        let inp = &layer.inputs[rank];
-        let t = inp.num_tokens;
-        let rows = layer.dispatch[rank].rows;
-        let padding = &layer.dispatch[rank].padding;
+    /// The staged combine inputs of this rank: (y, weights).
+    pub fn combine_inputs(&self, layer: &LayerData) -> (Staged, Option<Staged>) {
+        let rank = self.rank;
         let y_rows = layer.y_rows[rank];
-        let wdims: Vec<usize> = if expert_major {
-            vec![y_rows]
-        } else {
-            vec![y_rows, k]
-        };
+        let y = Staged::new(
+            &layer.y[rank],
+            &[y_rows, self.sc.hidden],
+            self.p.combine_dtype,
+        );
+        let cw = layer.combine_weights.as_ref().map(|w| {
+            Staged::new(
+                bytemuck::cast_slice(&w[rank]),
+                &self.wdims(y_rows),
+                DType::F32,
+            )
+        });
+        (y, cw)
+    }
 
-        // combine
-        let y = Staged::new(&layer.y[rank], &[y_rows, h], cd);
-        let cw = layer
-            .combine_weights
-            .as_ref()
-            .map(|w| Staged::new(bytemuck::cast_slice(&w[rank]), &wdims, DType::F32));
+    /// Valid combine of `layer` along `handle`, checked.
+    pub fn combine(
+        &mut self,
+        ep: &mut Dispatcher,
+        l: usize,
+        layer: &LayerData,
+        handle: &Handle,
+    ) -> Result<CombineOutput, String> {
+        let rank = self.rank;
+        let (t, k, h, cd) = (
+            layer.inputs[rank].num_tokens,
+            self.sc.topk,
+            self.sc.hidden,
+            self.p.combine_dtype,
+        );
+        let (y, cw) = self.combine_inputs(layer);
         let c = ep
             .combine(handle, y.view(), cw.as_ref().map(|w| w.view()))
             .map_err(|e| format!("rank {rank}, layer {l}, combine: {e}"))?;
         let ec = &layer.combine[rank];
-        note(
+        self.note(
             format!("layer {l}, combine"),
             check_tensor("x", &c.x, cd, &[t, h], &ec.x, None),
         );
-        note(
+        self.note(
             format!("layer {l}, combine"),
             opt_f32("weights", &ec.weights, &c.weights, &[t, k]),
         );
-        outs.combine_x[l] = fetch(&c.x);
+        Ok(c)
+    }
 
-        // cached dispatch: bit-identical to a dispatch of the new payload
+    /// Valid cached dispatch of `layer`'s second payload along `handle`, checked: bit-identical to
+    /// a dispatch of that payload.
+    pub fn dispatch_cached(
+        &mut self,
+        ep: &mut Dispatcher,
+        l: usize,
+        layer: &LayerData,
+        handle: &Handle,
+    ) -> Result<CachedDispatchOutput, String> {
+        let rank = self.rank;
+        let (h, dt, sccols) = (self.sc.hidden, self.p.dtype, self.sc.scale_columns);
         let ci = &layer.cached_inputs[rank];
+        let t = ci.num_tokens;
+        let rows = layer.dispatch[rank].rows;
+        let padding = &layer.dispatch[rank].padding;
         let x2 = Staged::new(&ci.x, &[t, h], dt);
-        let s2 = ci
-            .scales
-            .as_ref()
-            .map(|s| Staged::f32(s, &[t, sc.scale_columns]));
+        let s2 = ci.scales.as_ref().map(|s| Staged::f32(s, &[t, sccols]));
         let cached = ep
             .dispatch_cached(handle, x2.view(), s2.as_ref().map(|s| s.view()))
             .map_err(|e| format!("rank {rank}, layer {l}, dispatch_cached: {e}"))?;
@@ -705,7 +788,7 @@ fn run_rank(
                 (Some(e), Some(a)) => oracle::compare_rows(
                     "scales",
                     DType::F32,
-                    sc.scale_columns,
+                    sccols,
                     rows,
                     Some(padding),
                     bytemuck::cast_slice(e),
@@ -718,35 +801,72 @@ fn run_rank(
                 )),
             }
         })();
-        note(format!("layer {l}, dispatch_cached"), r);
+        self.note(format!("layer {l}, dispatch_cached"), r);
+        Ok(cached)
+    }
 
-        // dispatch_backward
+    /// Valid dispatch_backward of `layer`'s gradients along `handle`, checked.
+    pub fn dispatch_backward(
+        &mut self,
+        ep: &mut Dispatcher,
+        l: usize,
+        layer: &LayerData,
+        handle: &Handle,
+    ) -> Result<DispatchBackwardOutput, String> {
+        let rank = self.rank;
+        let (t, k, h, cd) = (
+            layer.inputs[rank].num_tokens,
+            self.sc.topk,
+            self.sc.hidden,
+            self.p.combine_dtype,
+        );
+        let y_rows = layer.y_rows[rank];
         let g = Staged::new(&layer.grad_recv[rank], &[y_rows, h], cd);
-        let gw = layer
-            .grad_recv_weights
-            .as_ref()
-            .map(|w| Staged::new(bytemuck::cast_slice(&w[rank]), &wdims, DType::F32));
+        let gw = layer.grad_recv_weights.as_ref().map(|w| {
+            Staged::new(
+                bytemuck::cast_slice(&w[rank]),
+                &self.wdims(y_rows),
+                DType::F32,
+            )
+        });
         let db = ep
             .dispatch_backward(handle, g.view(), gw.as_ref().map(|w| w.view()))
             .map_err(|e| format!("rank {rank}, layer {l}, dispatch_backward: {e}"))?;
         let (egx, egw) = &layer.dispatch_backward[rank];
-        note(
+        self.note(
             format!("layer {l}, dispatch_backward"),
             check_tensor("grad_x", &db.grad_x, cd, &[t, h], egx, None),
         );
-        note(
+        self.note(
             format!("layer {l}, dispatch_backward"),
             opt_f32("grad_weights", egw, &db.grad_weights, &[t, k]),
         );
-        outs.grad_x[l] = fetch(&db.grad_x);
-        outs.grad_weights[l] = db
-            .grad_weights
-            .as_ref()
-            .and_then(|w| w.to_vec::<f32>().ok());
+        Ok(db)
+    }
 
-        // combine_backward
+    /// Valid combine_backward of `layer`'s grad_out along `handle` (with y when expert-major),
+    /// checked.
+    pub fn combine_backward(
+        &mut self,
+        ep: &mut Dispatcher,
+        l: usize,
+        layer: &LayerData,
+        handle: &Handle,
+    ) -> Result<CombineBackwardOutput, String> {
+        let rank = self.rank;
+        let (t, k, h, cd) = (
+            layer.inputs[rank].num_tokens,
+            self.sc.topk,
+            self.sc.hidden,
+            self.p.combine_dtype,
+        );
+        let rows = layer.dispatch[rank].rows;
+        let padding = &layer.dispatch[rank].padding;
+        let y_rows = layer.y_rows[rank];
         let go = Staged::new(&layer.grad_out[rank], &[t, h], cd);
-        let yb = expert_major.then(|| Staged::new(&layer.y[rank], &[y_rows, h], cd));
+        let yb = self
+            .expert_major()
+            .then(|| Staged::new(&layer.y[rank], &[y_rows, h], cd));
         let cb = ep
             .combine_backward(handle, go.view(), yb.as_ref().map(|y| y.view()))
             .map_err(|e| format!("rank {rank}, layer {l}, combine_backward: {e}"))?;
@@ -776,19 +896,74 @@ fn run_rank(
             )?;
             opt_f32("grad_weights", egw, &cb.grad_weights, &[t, k])
         })();
-        note(format!("layer {l}, combine_backward"), r);
-        let gyb = rows * h * cd.size();
-        outs.grad_y[l] = fetch(&cb.grad_y)[..gyb.min(cb.grad_y.host_bytes().len())].to_vec();
+        self.note(format!("layer {l}, combine_backward"), r);
+        Ok(cb)
+    }
+}
+
+/// Runs every layer of a scenario on this rank's dispatcher: all dispatches first (handles alive at
+/// once), then per layer in reverse order combine, cached dispatch, dispatch_backward and
+/// combine_backward, each checked against the oracle.
+pub fn run_layers_on(
+    ep: &mut Dispatcher,
+    sc: &Scenario,
+    p: &Problem,
+    layers: &[LayerData],
+) -> Result<RankOutputs, String> {
+    let rank = ep.rank();
+    let mut st = Steps::new(sc, p, rank);
+    let (h, wcols) = (
+        sc.hidden,
+        if matches!(sc.layout, Layout::TokenMajor) {
+            sc.topk
+        } else {
+            1
+        },
+    );
+    let n = layers.len();
+    let mut outs = RankOutputs {
+        recv_x: vec![Vec::new(); n],
+        recv_weights: vec![None; n],
+        combine_x: vec![Vec::new(); n],
+        grad_x: vec![Vec::new(); n],
+        grad_weights: vec![None; n],
+        grad_y: vec![Vec::new(); n],
+        combine_grad_weights: vec![None; n],
+    };
+    let mut handles: Vec<Handle> = Vec::new();
+    for (l, layer) in layers.iter().enumerate() {
+        let (out, handle) = st.dispatch(ep, l, layer)?;
+        let rows = layer.dispatch[rank].rows;
+        let xb = rows * h * p.dtype.size();
+        let bytes = fetch(&out.x);
+        outs.recv_x[l] = bytes[..xb.min(bytes.len())].to_vec();
+        outs.recv_weights[l] = out.topk_weights.as_ref().map(|w| {
+            let v = w.to_vec::<f32>().unwrap_or_default();
+            v[..(rows * wcols).min(v.len())].to_vec()
+        });
+        handles.push(handle);
+    }
+    for l in (0..n).rev() {
+        let (layer, handle) = (&layers[l], &handles[l]);
+        let c = st.combine(ep, l, layer, handle)?;
+        outs.combine_x[l] = fetch(&c.x);
+        st.dispatch_cached(ep, l, layer, handle)?;
+        let db = st.dispatch_backward(ep, l, layer, handle)?;
+        outs.grad_x[l] = fetch(&db.grad_x);
+        outs.grad_weights[l] = db
+            .grad_weights
+            .as_ref()
+            .and_then(|w| w.to_vec::<f32>().ok());
+        let cb = st.combine_backward(ep, l, layer, handle)?;
+        let gyb = layer.dispatch[rank].rows * h * p.combine_dtype.size();
+        let bytes = fetch(&cb.grad_y);
+        outs.grad_y[l] = bytes[..gyb.min(bytes.len())].to_vec();
         outs.combine_grad_weights[l] = cb
             .grad_weights
             .as_ref()
             .and_then(|w| w.to_vec::<f32>().ok());
     }
-    if fails.is_empty() {
-        Ok(outs)
-    } else {
-        Err(fails.join("\n"))
-    }
+    st.finish().map(|()| outs)
 }
 
 /// Runs a scenario and discards the outputs.
