@@ -8,7 +8,9 @@ use crate::workload::{self, RankData, Shape};
 use half::bf16;
 use indicatif::{ProgressBar, ProgressStyle};
 use moe_ep::probe;
-use moe_ep::{DType, Dispatcher, EpConfig, EpError, Group, Layout, Placement, PlacementSpec, TensorRef};
+use moe_ep::{
+    DType, Dispatcher, EpConfig, EpError, Group, Layout, Placement, PlacementSpec, TensorRef,
+};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::process::ExitCode;

@@ -23,7 +23,12 @@ pub fn run() {
         Ok(devs) => {
             let mut table = Table::new();
             table.load_preset(presets::ASCII_MARKDOWN);
-            table.set_header(vec!["ordinal", "name", "memory (GiB)", "compute capability"]);
+            table.set_header(vec![
+                "ordinal",
+                "name",
+                "memory (GiB)",
+                "compute capability",
+            ]);
             for d in devs {
                 table.add_row(vec![
                     d.ordinal.to_string(),

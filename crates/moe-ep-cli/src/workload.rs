@@ -151,7 +151,8 @@ pub fn random_payload(rng: &mut StdRng, dtype: DType, n: usize) -> Vec<u8> {
                 }
                 DType::F32 => {
                     let r = r as u32;
-                    let bits = (r & 0x8000_0000) | ((123 + ((r >> 28) & 7)) << 23) | (r & 0x7F_FFFF);
+                    let bits =
+                        (r & 0x8000_0000) | ((123 + ((r >> 28) & 7)) << 23) | (r & 0x7F_FFFF);
                     out.extend_from_slice(&bits.to_le_bytes());
                 }
                 DType::Fp8E4M3 => {

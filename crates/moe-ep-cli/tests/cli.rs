@@ -1,0 +1,219 @@
+//! End-to-end tests of the `moe-ep` binary.
+
+use std::process::{Command, Output};
+
+fn moe_ep(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_moe-ep"))
+        .args(args)
+        .output()
+        .expect("run moe-ep")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+const TINY: &[&str] = &[
+    "bench",
+    "--world",
+    "2",
+    "--hidden",
+    "64",
+    "--num-experts",
+    "8",
+    "--topk",
+    "2",
+    "--tokens",
+    "0,1,7",
+    "--iters",
+    "2",
+    "--warmup",
+    "1",
+];
+
+/// The table's data rows as (T, check) pairs.
+fn table_rows(stdout: &str) -> Vec<(String, String)> {
+    stdout
+        .lines()
+        .filter(|l| l.starts_with('|') && !l.starts_with("|-") && !l.contains("dispatch us"))
+        .map(|l| {
+            let cells: Vec<&str> = l.trim_matches('|').split('|').map(str::trim).collect();
+            (cells[0].to_string(), cells[cells.len() - 1].to_string())
+        })
+        .collect()
+}
+
+/// `TINY` with the flags of `extra` (`--flag value` pairs, or a lone `--flag`) replacing its own.
+fn tiny_with(extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = TINY.iter().map(|s| s.to_string()).collect();
+    let mut i = 0;
+    while i < extra.len() {
+        let flag = extra[i];
+        let value = extra.get(i + 1).filter(|v| !v.starts_with("--"));
+        i += 1 + usize::from(value.is_some());
+        match (args.iter().position(|a| a == flag), value) {
+            (Some(at), Some(v)) => args[at + 1] = v.to_string(),
+            (_, v) => {
+                args.push(flag.to_string());
+                args.extend(v.map(|v| v.to_string()));
+            }
+        }
+    }
+    args
+}
+
+fn tiny_bench_passes(extra: &[&str]) -> String {
+    let args = tiny_with(extra);
+    let o = moe_ep(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "exit {:?}\n{out}\n{err}", o.status);
+    let rows = table_rows(&out);
+    let ts: Vec<&str> = rows.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(ts, ["0", "1", "7"], "{out}");
+    for (t, check) in &rows {
+        assert_eq!(check, "ok", "T={t}\n{out}");
+    }
+    out
+}
+
+#[test]
+fn bench_token_major() {
+    let out = tiny_bench_passes(&[]);
+    let header = out.lines().next().unwrap();
+    for part in [
+        "backend cpu",
+        "world 2",
+        "H 64",
+        "E 8",
+        "K 2",
+        "bf16",
+        "token-major",
+    ] {
+        assert!(header.contains(part), "{part} missing from: {header}");
+    }
+}
+
+#[test]
+fn bench_expert_major() {
+    let out = tiny_bench_passes(&["--layout", "expert-major", "--align", "4"]);
+    assert!(out.lines().next().unwrap().contains("expert-major"));
+}
+
+#[test]
+fn bench_other_dtypes() {
+    for dtype in ["f16", "f32", "fp8_e4m3"] {
+        tiny_bench_passes(&["--dtype", dtype, "--layout", "expert-major"]);
+    }
+    tiny_bench_passes(&["--dtype", "fp8", "--backend", "cpu", "--seed", "7"]);
+}
+
+#[test]
+fn bench_writes_json() {
+    let dir = std::env::temp_dir().join(format!("moe-ep-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bench.json");
+    tiny_bench_passes(&["--json", path.to_str().unwrap()]);
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(v["config"]["world"], 2);
+    assert_eq!(v["config"]["dtype"], "bf16");
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3);
+    for (r, t) in results.iter().zip([0, 1, 7]) {
+        assert_eq!(r["tokens"], t);
+        assert_eq!(r["check"], "ok");
+        assert_eq!(r["check_ok"], true);
+        assert_eq!(r["dispatch"]["samples_us"].as_array().unwrap().len(), 2);
+        assert_eq!(r["combine"]["samples_us"].as_array().unwrap().len(), 2);
+        let median = r["dispatch"]["median_us"].as_f64().unwrap();
+        let (min, max) = (
+            r["dispatch"]["min_us"].as_f64().unwrap(),
+            r["dispatch"]["max_us"].as_f64().unwrap(),
+        );
+        assert!(min <= median && median <= max);
+        assert!(r["dispatch_bytes_per_rank"].as_f64().unwrap() >= 0.0);
+    }
+    assert_eq!(results[0]["dispatch_bytes_per_rank"], 0.0);
+}
+
+#[test]
+fn info_lists_cpu() {
+    let o = moe_ep(&["info"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    let cpu = out
+        .lines()
+        .find(|l| l.starts_with("| cpu"))
+        .unwrap_or_else(|| panic!("no cpu row:\n{out}"));
+    assert!(cpu.contains("| yes"), "{cpu}");
+    assert!(out.lines().any(|l| l.starts_with("| cuda")), "{out}");
+    assert!(out.contains("CUDA devices"), "{out}");
+}
+
+/// Runs `bench` with `args` replacing the tiny defaults' values, expecting failure with a message
+/// naming `flag`.
+fn bad(args: &[&str], flag: &str, code: i32) {
+    let full = tiny_with(args);
+    let o = moe_ep(&full.iter().map(String::as_str).collect::<Vec<_>>());
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(code), "{args:?}\n{out}\n{err}");
+    assert!(
+        err.contains(flag),
+        "{args:?}: message does not name {flag}:\n{err}"
+    );
+}
+
+#[test]
+fn bad_flags_are_named() {
+    // clap-level: exit 2.
+    bad(&["--dtype", "f64"], "--dtype", 2);
+    bad(&["--dtype", "i32"], "--dtype", 2);
+    bad(&["--tokens", "1,,2"], "--tokens", 2);
+    bad(&["--tokens", ""], "--tokens", 2);
+    bad(&["--tokens", "1,x"], "--tokens", 2);
+    bad(&["--tokens", "4294967296"], "--tokens", 2);
+    bad(&["--world", "0"], "--world", 2);
+    bad(&["--topk", "0"], "--topk", 2);
+    bad(&["--layout", "diagonal"], "--layout", 2);
+    bad(&["--backend", "tpu"], "--backend", 2);
+    bad(&["--frobnicate"], "--frobnicate", 2);
+    // Checks across flags and library errors: `error: ...`, exit 1.
+    bad(&["--world", "3"], "--num-experts", 1);
+    bad(&["--topk", "9"], "--topk", 1);
+    bad(&["--topk", "65", "--num-experts", "128"], "--topk", 1);
+    bad(&["--align", "4"], "--align", 1);
+}
+
+#[test]
+fn cuda_backend_is_refused_with_the_reason() {
+    let o = moe_ep(&[TINY, &["--backend", "cuda"]].concat());
+    // (TINY has no --backend, so appending is enough.)
+    let (out, err) = text(&o);
+    if o.status.success() {
+        // A machine with a working CUDA backend: nothing to check here.
+        return;
+    }
+    assert_eq!(o.status.code(), Some(1), "{out}\n{err}");
+    assert!(err.starts_with("error: --backend cuda"), "{err}");
+    assert!(
+        err.contains("unavailable") || err.contains("cannot run"),
+        "{err}"
+    );
+    assert!(out.is_empty(), "{out}");
+}
+
+#[test]
+fn readme_example_is_the_compiled_one() {
+    let readme = include_str!("../../../README.md");
+    let example = include_str!("../examples/readme.rs");
+    let body = &example[example.find("use half::bf16;").unwrap()..];
+    let body = body.replace("#[rustfmt::skip]\n", "");
+    assert!(
+        readme.contains(&format!("```rust\n{body}```")),
+        "README.md's API example differs from crates/moe-ep-cli/examples/readme.rs"
+    );
+}
