@@ -72,7 +72,15 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode, String> {
             combine_us.push(runs.iter().map(|r| r.combine_us[i]).fold(0.0, f64::max));
         }
         progress.set_message(format!("T={t} checking"));
-        let last: Vec<LastOutputs> = runs.into_iter().map(|r| r.last).collect();
+        let mut last: Vec<LastOutputs> = runs.into_iter().map(|r| r.last).collect();
+        if args.inject_mismatch {
+            if let Some(byte) = last
+                .last_mut()
+                .and_then(|l| l.combine.x.host_bytes_mut().first_mut())
+            {
+                *byte ^= 1;
+            }
+        }
         let check = check::verify(&plan.config, plan.shape.world, work.ranks, last);
 
         let world = plan.shape.world as f64;

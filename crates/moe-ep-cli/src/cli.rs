@@ -98,6 +98,11 @@ pub struct BenchArgs {
     /// Also write every figure (config, samples, medians, bytes, checks) to this JSON file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+
+    /// Testing aid: flips one bit of the last rank's last combine output before the check, to
+    /// exercise the failure path.
+    #[arg(long, hide = true)]
+    pub inject_mismatch: bool,
 }
 
 /// The `--tokens` list.

@@ -141,6 +141,22 @@ fn bench_writes_json() {
 }
 
 #[test]
+fn failed_check_prints_the_table_and_exits_1() {
+    let args = tiny_with(&["--inject-mismatch"]);
+    let o = moe_ep(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}\n{err}");
+    let rows = table_rows(&out);
+    assert_eq!(rows.len(), 3, "{out}");
+    // T=0 has no output to corrupt; T=1 and T=7 fail on the last rank's combine.
+    assert_eq!(rows[0].1, "ok");
+    for (t, check) in &rows[1..] {
+        assert!(check.starts_with("combine rank 1"), "T={t}: {check}");
+    }
+    assert!(err.contains("error: check failed for T=1"), "{err}");
+}
+
+#[test]
 fn info_lists_cpu() {
     let o = moe_ep(&["info"]);
     let (out, err) = text(&o);
