@@ -287,6 +287,8 @@ pub struct Scenario {
     pub weights: bool,
     pub placement: Option<Vec<usize>>,
     pub sizing: OutputSizing,
+    /// A receive capacity smaller than the worst case.
+    pub recv_capacity: Option<usize>,
     pub routing: Routing,
     /// Pass weights to combine (token-major `[rows, K]`, expert-major `[rows]`).
     pub combine_weights: bool,
@@ -317,6 +319,7 @@ impl Scenario {
             weights: true,
             placement: None,
             sizing: OutputSizing::Capacity,
+            recv_capacity: None,
             routing: Routing::Random {
                 drop: 0.15,
                 distinct: false,
@@ -345,6 +348,9 @@ impl Scenario {
             .timeout(Duration::from_secs(20));
         if let Some(cd) = self.combine_dtype {
             b = b.combine_dtype(cd);
+        }
+        if let Some(c) = self.recv_capacity {
+            b = b.recv_capacity(c);
         }
         if let Some(t) = &self.placement {
             b = b.placement(PlacementSpec::Table(t.clone()));
