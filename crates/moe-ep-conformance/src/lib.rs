@@ -54,6 +54,8 @@ macro_rules! __conformance_case_list {
             output_sizing_exact,
             extra_rows_handed_back,
             hidden_wide,
+            f32_summation_order,
+            signed_zeros,
             world_1,
             world_2,
             world_4,

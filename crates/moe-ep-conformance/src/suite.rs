@@ -134,12 +134,15 @@ pub enum Values {
     Random,
     /// Small integers in [-3, 3] (exact in every dtype and in f32 sums): for identities.
     SmallInt,
+    /// Mostly signed zeros (-0.0 and +0.0), some ±1.5: checks the +0.0 start of every sum.
+    SignedZeros,
 }
 
 fn draw(rng: &mut StdRng, values: Values) -> f32 {
     match values {
         Values::Random => rng.random_range(-4.0f32..4.0),
         Values::SmallInt => rng.random_range(-3i32..=3) as f32,
+        Values::SignedZeros => [-0.0, 0.0, -0.0, -0.0, 1.5, -1.5][rng.random_range(0..6)],
     }
 }
 
@@ -177,6 +180,7 @@ pub fn random_f32(rng: &mut StdRng, n: usize, values: Values) -> Vec<f32> {
     (0..n)
         .map(|_| match values {
             Values::Random => rng.random_range(-2.0f32..2.0),
+            Values::SignedZeros => [-0.0, 0.0, -1.0, 1.0][rng.random_range(0..4)],
             Values::SmallInt => {
                 let v = rng.random_range(-2i32..=2);
                 if v == 0 {
@@ -1222,6 +1226,38 @@ pub fn extra_rows_handed_back(b: &dyn BackendUnderTest) -> Result<(), String> {
         extra_rows: true,
         ..Scenario::new("extra_rows_handed_back", l)
     })
+}
+
+pub fn f32_summation_order(b: &dyn BackendUnderTest) -> Result<(), String> {
+    // f32 data over 4 ranks and 8 slots: sums of three or more terms, where the order shows.
+    check_layouts(b, |l| Scenario {
+        world: 4,
+        num_experts: 8,
+        topk: 8,
+        dtype: DType::F32,
+        combine_weights: true,
+        routing: Routing::Random {
+            drop: 0.05,
+            distinct: false,
+        },
+        ..Scenario::new("f32_summation_order", l)
+    })
+}
+
+pub fn signed_zeros(b: &dyn BackendUnderTest) -> Result<(), String> {
+    // -0.0 inputs: every sum starts at +0.0, so a lone -0.0 contribution comes back as +0.0.
+    let mut r = Vec::new();
+    for dtype in [DType::BF16, DType::F32] {
+        r.push(check_layouts(b, |l| Scenario {
+            world: 3,
+            num_experts: 6,
+            dtype,
+            values: Values::SignedZeros,
+            combine_weights: true,
+            ..Scenario::new(&format!("signed_zeros {dtype}"), l)
+        }));
+    }
+    all(r)
 }
 
 pub fn hidden_wide(b: &dyn BackendUnderTest) -> Result<(), String> {
