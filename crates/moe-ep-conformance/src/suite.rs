@@ -815,6 +815,51 @@ impl<'a> Steps<'a> {
         Ok(cached)
     }
 
+    /// Cached dispatch of the original payload along `handle`: bit-identical to what the original
+    /// dispatch returned (x and scales, valid non-padding rows).
+    pub fn replay_original(
+        &mut self,
+        ep: &mut Dispatcher,
+        l: usize,
+        layer: &LayerData,
+        handle: &Handle,
+        original: &DispatchOutput,
+    ) -> Result<(), String> {
+        let rank = self.rank;
+        let (x, _, _, s) = self.dispatch_inputs(layer);
+        let again = ep
+            .dispatch_cached(handle, x.view(), s.as_ref().map(|s| s.view()))
+            .map_err(|e| format!("rank {rank}, layer {l}, dispatch_cached (replay): {e}"))?;
+        let (rows, padding) = (layer.dispatch[rank].rows, &layer.dispatch[rank].padding);
+        let (h, dt) = (self.sc.hidden, self.p.dtype);
+        let r = (|| {
+            oracle::compare_rows(
+                "x vs original dispatch",
+                dt,
+                h,
+                rows,
+                Some(padding),
+                original.x.host_bytes(),
+                again.x.host_bytes(),
+            )?;
+            match (&original.scales, &again.scales) {
+                (Some(o), Some(a)) => oracle::compare_rows(
+                    "scales vs original dispatch",
+                    DType::F32,
+                    self.sc.scale_columns,
+                    rows,
+                    Some(padding),
+                    o.host_bytes(),
+                    a.host_bytes(),
+                ),
+                (None, None) => Ok(()),
+                _ => Err("scales: present in one of dispatch / replay only".into()),
+            }
+        })();
+        self.note(format!("layer {l}, dispatch_cached replay"), r);
+        Ok(())
+    }
+
     /// Valid dispatch_backward of `layer`'s gradients along `handle`, checked.
     pub fn dispatch_backward(
         &mut self,
@@ -941,6 +986,7 @@ pub fn run_layers_on(
         combine_grad_weights: vec![None; n],
     };
     let mut handles: Vec<Handle> = Vec::new();
+    let mut originals: Vec<DispatchOutput> = Vec::new();
     for (l, layer) in layers.iter().enumerate() {
         let (out, handle) = st.dispatch(ep, l, layer)?;
         let rows = layer.dispatch[rank].rows;
@@ -951,6 +997,7 @@ pub fn run_layers_on(
             let v = w.to_vec::<f32>().unwrap_or_default();
             v[..(rows * wcols).min(v.len())].to_vec()
         });
+        originals.push(out);
         handles.push(handle);
     }
     for l in (0..n).rev() {
@@ -958,6 +1005,7 @@ pub fn run_layers_on(
         let c = st.combine(ep, l, layer, handle)?;
         outs.combine_x[l] = fetch(&c.x);
         st.dispatch_cached(ep, l, layer, handle)?;
+        st.replay_original(ep, l, layer, handle, &originals[l])?;
         let db = st.dispatch_backward(ep, l, layer, handle)?;
         outs.grad_x[l] = fetch(&db.grad_x);
         outs.grad_weights[l] = db
