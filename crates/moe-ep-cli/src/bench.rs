@@ -19,8 +19,8 @@ use std::time::Instant;
 /// Default row alignment of the expert-major layout (a grouped GEMM's tile height).
 pub const DEFAULT_ALIGN: usize = 128;
 
-/// Backends this binary can run.
-const RUNNABLE: &[&str] = &["cpu"];
+/// Backends this binary can run, best first.
+const RUNNABLE: &[&str] = &["cuda", "cpu"];
 
 /// Runs the benchmark, prints the table, writes `--json`. `Err` is a usage or library error
 /// (printed as `error: ...`, exit 1); a failed check prints the table and exits 1 too.
@@ -28,7 +28,18 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode, String> {
     let backend = pick_backend(args.backend)?;
     let plan = Plan::new(args, backend)?;
 
-    let groups = Group::cpu_world(plan.shape.world).map_err(flag_error)?;
+    let groups = match backend {
+        "cuda" => {
+            // Ranks round-robin over the GPUs: more ranks than GPUs share them.
+            let devices: Vec<u32> = probe::cuda_devices()?.iter().map(|d| d.ordinal).collect();
+            let placed: Vec<u32> = (0..plan.shape.world)
+                .map(|r| devices[r % devices.len()])
+                .collect();
+            Group::cuda_local(&placed)
+        }
+        _ => Group::cpu_world(plan.shape.world),
+    }
+    .map_err(flag_error)?;
     let mut dispatchers = std::thread::scope(|s| {
         let handles: Vec<_> = groups
             .iter()
@@ -267,35 +278,52 @@ fn rank_iterations(
     progress: Option<&ProgressBar>,
 ) -> moe_ep::Result<RankRun> {
     let (t, h, k) = (input.num_tokens, plan.shape.hidden, plan.shape.topk);
-    let x = TensorRef::from_bytes(&input.x, &[t, h], plan.shape.dtype)?;
-    let idx = TensorRef::new(&input.topk_idx, &[t, k])?;
-    let weights = TensorRef::new(&input.weights, &[t, k])?;
+    // Inputs go where the backend reads them (device memory for CUDA) once, outside the timing.
+    let x = ep.to_device(TensorRef::from_bytes(&input.x, &[t, h], plan.shape.dtype)?)?;
+    let idx = ep.to_device(TensorRef::new(&input.topk_idx, &[t, k])?)?;
+    let weights = ep.to_device(TensorRef::new(&input.weights, &[t, k])?)?;
     let scales = match &input.scales {
-        Some(s) => Some(TensorRef::new(s, &[t, plan.shape.scale_columns])?),
+        Some(s) => Some(ep.to_device(TensorRef::new(s, &[t, plan.shape.scale_columns])?)?),
         None => None,
     };
+    let (x, idx, weights, scales) = (
+        x.view(),
+        idx.view(),
+        weights.view(),
+        scales.as_ref().map(|s| s.view()),
+    );
     let mut dispatch_us = Vec::with_capacity(plan.iters);
     let mut combine_us = Vec::with_capacity(plan.iters);
     let mut last = None;
     for it in 0..plan.warmup + plan.iters {
         // Only the last iteration's outputs are kept: free the previous ones first.
         drop(last.take());
+        // Each timed call ends when the rank's work is done (a no-op wait on the CPU backend).
         let start = Instant::now();
         let (out, handle) = ep.dispatch(x, idx, Some(weights), scales)?;
+        ep.synchronize()?;
         let dispatch_time = start.elapsed();
 
         // The identity expert: y = the received tokens, in the combine dtype (untimed).
-        let widened = widen_for_combine(&out, plan);
-        let y = match &widened {
-            Some(bytes) => TensorRef::from_bytes(
-                bytes,
-                &[bytes.len() / (h * plan.config.combine_dtype().size()), h],
-                plan.config.combine_dtype(),
-            )?,
+        let widened = widen_for_combine(&out, plan)?;
+        let widened_on_device = widened
+            .as_ref()
+            .map(|bytes| {
+                let rows = bytes.len() / (h * plan.config.combine_dtype().size());
+                ep.to_device(TensorRef::from_bytes(
+                    bytes,
+                    &[rows, h],
+                    plan.config.combine_dtype(),
+                )?)
+            })
+            .transpose()?;
+        let y = match &widened_on_device {
+            Some(t) => t.view(),
             None => out.x.view(),
         };
         let start = Instant::now();
         let combined = ep.combine(&handle, y, None)?;
+        ep.synchronize()?;
         let combine_time = start.elapsed();
 
         if it >= plan.warmup {
@@ -306,8 +334,8 @@ fn rank_iterations(
             p.inc(1);
         }
         last = Some(LastOutputs {
-            dispatch: out,
-            combine: combined,
+            dispatch: out.to_host()?,
+            combine: combined.to_host()?,
             y: widened,
         });
     }
@@ -319,18 +347,19 @@ fn rank_iterations(
 }
 
 /// When the payload dtype is not the combine dtype (fp8), the valid rows widened exactly to it.
-fn widen_for_combine(out: &moe_ep::DispatchOutput, plan: &Plan) -> Option<Vec<u8>> {
+fn widen_for_combine(out: &moe_ep::DispatchOutput, plan: &Plan) -> moe_ep::Result<Option<Vec<u8>>> {
     if plan.shape.dtype == plan.config.combine_dtype() {
-        return None;
+        return Ok(None);
     }
     debug_assert_eq!(plan.shape.dtype, DType::Fp8E4M3);
     debug_assert_eq!(plan.config.combine_dtype(), DType::BF16);
-    let n = out.valid_rows() * plan.shape.hidden;
+    let n = out.valid_rows()? * plan.shape.hidden;
+    let x = out.x.to_host()?;
     let mut y = Vec::with_capacity(n * 2);
-    for &b in &out.x.host_bytes()[..n] {
+    for &b in &x.host_bytes()[..n] {
         y.extend_from_slice(&bf16::from_f32(workload::fp8_e4m3_to_f32(b)).to_le_bytes());
     }
-    Some(y)
+    Ok(Some(y))
 }
 
 /// The backend to run: the best available one this binary can drive, or the requested one with

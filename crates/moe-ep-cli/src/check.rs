@@ -37,11 +37,14 @@ pub fn verify(
 
     let expected = oracle::dispatch(&problem, &inputs);
     for (rank, (e, out)) in expected.iter().zip(&outputs).enumerate() {
-        if out.dispatch.valid_rows() != e.rows {
+        let valid = out
+            .dispatch
+            .valid_rows()
+            .map_err(|m| format!("dispatch rank {rank}: {m}"))?;
+        if valid != e.rows {
             return Err(format!(
-                "dispatch rank {rank}: expected {} valid rows, got {}",
-                e.rows,
-                out.dispatch.valid_rows()
+                "dispatch rank {rank}: expected {} valid rows, got {valid}",
+                e.rows
             ));
         }
         oracle::compare_dispatch(e, &out.dispatch)

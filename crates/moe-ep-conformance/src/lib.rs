@@ -12,12 +12,16 @@
 pub mod oracle;
 pub mod suite;
 
-pub use suite::{BackendUnderTest, CpuBackend};
+pub use suite::{BackendUnderTest, CpuBackend, CudaLocal};
 
 /// Expands to one `#[test]` per conformance case, each running the case on the backend that
 /// `$factory` (an expression implementing [`suite::BackendUnderTest`]) evaluates to.
 #[macro_export]
 macro_rules! conformance_tests {
+    // `$factory` evaluates to `Result<backend, String>`; an `Err` skips the case, printing why.
+    (available $factory:expr) => {
+        $crate::__conformance_case_list!(try_tests $factory);
+    };
     ($factory:expr) => {
         $crate::__conformance_case_list!(tests $factory);
     };
@@ -74,6 +78,20 @@ macro_rules! __conformance_emit {
             #[test]
             fn $case() {
                 let backend = $factory;
+                if let Err(e) = $crate::suite::$case(&backend) {
+                    panic!("conformance case `{}` failed:\n{}", stringify!($case), e);
+                }
+            }
+        )*
+    };
+    ((try_tests $factory:expr) $($case:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $case() {
+                let backend = match $factory {
+                    Ok(backend) => backend,
+                    Err(reason) => return $crate::suite::print_skip(stringify!($case), &reason),
+                };
                 if let Err(e) = $crate::suite::$case(&backend) {
                     panic!("conformance case `{}` failed:\n{}", stringify!($case), e);
                 }

@@ -942,11 +942,11 @@ pub fn compare_dispatch(
     if let (Some(e), Some(a)) = (&expected.expert_offsets, &actual.expert_offsets) {
         counts("expert_offsets", e, a)?;
     }
-    if actual.valid_rows() != rows {
-        return Err(format!(
-            "valid_rows(): expected {rows}, got {}",
-            actual.valid_rows()
-        ));
+    let valid = actual
+        .valid_rows()
+        .map_err(|e| format!("valid_rows(): {e}"))?;
+    if valid != rows {
+        return Err(format!("valid_rows(): expected {rows}, got {valid}"));
     }
     if let Some(hc) = &actual.host_counts {
         let want = moe_ep::HostCounts {

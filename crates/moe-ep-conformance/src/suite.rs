@@ -39,6 +39,64 @@ impl BackendUnderTest for CpuBackend {
     }
 }
 
+/// CUDA ranks driven by threads of this process, placed round-robin on `devices` (so a world
+/// larger than the GPU count puts several ranks on one GPU).
+#[derive(Debug, Clone)]
+pub struct CudaLocal {
+    devices: Vec<u32>,
+}
+
+impl CudaLocal {
+    /// The GPUs listed in `MOE_EP_TEST_DEVICES` (e.g. `0,0,0,0`: four ranks on GPU 0), else every
+    /// GPU the driver reports; `Err` says why the CUDA backend cannot run here.
+    pub fn from_env() -> Result<CudaLocal, String> {
+        let status = moe_ep::probe::backends()
+            .into_iter()
+            .find(|b| b.name == "cuda")
+            .ok_or("this build has no cuda backend")?;
+        if !status.available {
+            return Err(status.detail);
+        }
+        let devices = match std::env::var("MOE_EP_TEST_DEVICES") {
+            Ok(list) => list
+                .split(',')
+                .map(|d| {
+                    d.trim()
+                        .parse()
+                        .map_err(|_| format!("MOE_EP_TEST_DEVICES: `{d}` is not a device ordinal"))
+                })
+                .collect::<Result<Vec<u32>, String>>()?,
+            Err(_) => moe_ep::probe::cuda_devices()?
+                .iter()
+                .map(|d| d.ordinal)
+                .collect(),
+        };
+        if devices.is_empty() {
+            return Err("no CUDA device".into());
+        }
+        Ok(CudaLocal { devices })
+    }
+}
+
+impl BackendUnderTest for CudaLocal {
+    fn name(&self) -> String {
+        format!("cuda (devices {:?})", self.devices)
+    }
+    fn groups(&self, world: usize) -> Result<Vec<Group>, String> {
+        let placed: Vec<u32> = (0..world)
+            .map(|r| self.devices[r % self.devices.len()])
+            .collect();
+        Group::cuda_local(&placed).map_err(|e| e.to_string())
+    }
+}
+
+/// Says why a test does not run, on stderr directly: the test harness captures `eprintln!` of
+/// passing tests, and a skip must never be silent.
+pub fn print_skip(test: &str, reason: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {reason}");
+}
+
 /// An input tensor as handed to the library: 8-byte aligned host memory, with its shape and dtype.
 /// This is the single place where test inputs are materialized for the backend.
 #[derive(Debug, Clone)]
@@ -78,7 +136,30 @@ impl Staged {
 
 /// The bytes of an output tensor, on the host.
 pub fn fetch(t: &Tensor) -> Vec<u8> {
-    t.host_bytes().to_vec()
+    t.to_host()
+        .expect("reading an output back to the host")
+        .host_bytes()
+        .to_vec()
+}
+
+/// A staged input copied to where `ep` takes its inputs (device memory for a GPU backend).
+pub fn put(ep: &Dispatcher, s: &Staged) -> Result<Tensor, String> {
+    ep.to_device(s.view())
+        .map_err(|e| format!("to_device: {e}"))
+}
+
+fn put_opt(ep: &Dispatcher, s: &Option<Staged>) -> Result<Option<Tensor>, String> {
+    s.as_ref().map(|s| put(ep, s)).transpose()
+}
+
+/// Waits for `ep`'s queued work; errors the device found surface here.
+pub fn settle(ep: &mut Dispatcher, what: &str) -> Result<(), String> {
+    ep.synchronize()
+        .map_err(|e| format!("{what}: synchronize: {e}"))
+}
+
+fn host<T>(r: moe_ep::Result<T>, what: &str) -> Result<T, String> {
+    r.map_err(|e| format!("{what}: reading back: {e}"))
 }
 
 /// Runs `f` on every rank of a `world`-rank group, each on its own thread, and collects the
@@ -652,14 +733,22 @@ impl<'a> Steps<'a> {
         let rank = self.rank;
         let t = layer.inputs[rank].num_tokens;
         let (x, topk, w, s) = self.dispatch_inputs(layer);
+        let (x, topk, w, s) = (
+            put(ep, &x)?,
+            put(ep, &topk)?,
+            put_opt(ep, &w)?,
+            put_opt(ep, &s)?,
+        );
         let (out, handle) = ep
             .dispatch(
                 x.view(),
                 topk.view(),
-                w.as_ref().map(|w| w.view()),
-                s.as_ref().map(|s| s.view()),
+                w.as_ref().map(Tensor::view),
+                s.as_ref().map(Tensor::view),
             )
             .map_err(|e| format!("rank {rank}, layer {l}, dispatch: {e}"))?;
+        settle(ep, &format!("rank {rank}, layer {l}, dispatch"))?;
+        let out = host(out.to_host(), "dispatch output")?;
         let exp = &layer.dispatch[rank];
         self.note(
             format!("layer {l}, dispatch"),
@@ -737,9 +826,12 @@ impl<'a> Steps<'a> {
             self.p.combine_dtype,
         );
         let (y, cw) = self.combine_inputs(layer);
+        let (y, cw) = (put(ep, &y)?, put_opt(ep, &cw)?);
         let c = ep
-            .combine(handle, y.view(), cw.as_ref().map(|w| w.view()))
+            .combine(handle, y.view(), cw.as_ref().map(Tensor::view))
             .map_err(|e| format!("rank {rank}, layer {l}, combine: {e}"))?;
+        settle(ep, &format!("rank {rank}, layer {l}, combine"))?;
+        let c = host(c.to_host(), "combine output")?;
         let ec = &layer.combine[rank];
         self.note(
             format!("layer {l}, combine"),
@@ -767,11 +859,16 @@ impl<'a> Steps<'a> {
         let t = ci.num_tokens;
         let rows = layer.dispatch[rank].rows;
         let padding = &layer.dispatch[rank].padding;
-        let x2 = Staged::new(&ci.x, &[t, h], dt);
-        let s2 = ci.scales.as_ref().map(|s| Staged::f32(s, &[t, sccols]));
+        let x2 = put(ep, &Staged::new(&ci.x, &[t, h], dt))?;
+        let s2 = put_opt(
+            ep,
+            &ci.scales.as_ref().map(|s| Staged::f32(s, &[t, sccols])),
+        )?;
         let cached = ep
-            .dispatch_cached(handle, x2.view(), s2.as_ref().map(|s| s.view()))
+            .dispatch_cached(handle, x2.view(), s2.as_ref().map(Tensor::view))
             .map_err(|e| format!("rank {rank}, layer {l}, dispatch_cached: {e}"))?;
+        settle(ep, &format!("rank {rank}, layer {l}, dispatch_cached"))?;
+        let cached = host(cached.to_host(), "dispatch_cached output")?;
         let ecd = &layer.cached[rank];
         let r = (|| {
             if cached.x.dtype() != dt
@@ -827,9 +924,15 @@ impl<'a> Steps<'a> {
     ) -> Result<(), String> {
         let rank = self.rank;
         let (x, _, _, s) = self.dispatch_inputs(layer);
+        let (x, s) = (put(ep, &x)?, put_opt(ep, &s)?);
         let again = ep
-            .dispatch_cached(handle, x.view(), s.as_ref().map(|s| s.view()))
+            .dispatch_cached(handle, x.view(), s.as_ref().map(Tensor::view))
             .map_err(|e| format!("rank {rank}, layer {l}, dispatch_cached (replay): {e}"))?;
+        settle(
+            ep,
+            &format!("rank {rank}, layer {l}, dispatch_cached (replay)"),
+        )?;
+        let again = host(again.to_host(), "dispatch_cached output")?;
         let (rows, padding) = (layer.dispatch[rank].rows, &layer.dispatch[rank].padding);
         let (h, dt) = (self.sc.hidden, self.p.dtype);
         let r = (|| {
@@ -884,9 +987,12 @@ impl<'a> Steps<'a> {
                 DType::F32,
             )
         });
+        let (g, gw) = (put(ep, &g)?, put_opt(ep, &gw)?);
         let db = ep
-            .dispatch_backward(handle, g.view(), gw.as_ref().map(|w| w.view()))
+            .dispatch_backward(handle, g.view(), gw.as_ref().map(Tensor::view))
             .map_err(|e| format!("rank {rank}, layer {l}, dispatch_backward: {e}"))?;
+        settle(ep, &format!("rank {rank}, layer {l}, dispatch_backward"))?;
+        let db = host(db.to_host(), "dispatch_backward output")?;
         let (egx, egw) = &layer.dispatch_backward[rank];
         self.note(
             format!("layer {l}, dispatch_backward"),
@@ -922,9 +1028,12 @@ impl<'a> Steps<'a> {
         let yb = self
             .expert_major()
             .then(|| Staged::new(&layer.y[rank], &[y_rows, h], cd));
+        let (go, yb) = (put(ep, &go)?, put_opt(ep, &yb)?);
         let cb = ep
-            .combine_backward(handle, go.view(), yb.as_ref().map(|y| y.view()))
+            .combine_backward(handle, go.view(), yb.as_ref().map(Tensor::view))
             .map_err(|e| format!("rank {rank}, layer {l}, combine_backward: {e}"))?;
+        settle(ep, &format!("rank {rank}, layer {l}, combine_backward"))?;
+        let cb = host(cb.to_host(), "combine_backward output")?;
         let (egy, egw) = (
             &layer.combine_backward.0[rank],
             &layer.combine_backward.1[rank],

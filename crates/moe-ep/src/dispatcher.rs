@@ -48,6 +48,14 @@ impl Dispatcher {
                 config.clone(),
                 placement.clone(),
             )?),
+            GroupKind::Cuda { exchange, device } => Box::new(backend::cuda::CudaBackend::new(
+                exchange.clone(),
+                group.rank(),
+                group.take_channel(),
+                device.clone(),
+                config.clone(),
+                placement.clone(),
+            )?),
         };
         Ok(Dispatcher {
             id: NEXT_DISPATCHER_ID.fetch_add(1, Ordering::Relaxed),
@@ -87,6 +95,26 @@ impl Dispatcher {
                 .worst_case_rows(self.world, self.num_local_experts())
         })
     }
+    /// Where this dispatcher takes its inputs and puts its outputs.
+    pub fn device(&self) -> crate::tensor::Device {
+        self.backend.device()
+    }
+
+    /// A copy of host data where this dispatcher takes its inputs (the CPU backend: a host copy).
+    pub fn to_device(&self, host: TensorRef<'_>) -> Result<crate::tensor::Tensor> {
+        validate::device("tensor", &host, crate::tensor::Device::Host)?;
+        self.backend.to_device(host)
+    }
+
+    /// Waits for this rank's queued work and reports any error the device found since the last
+    /// synchronization (a bad expert id, a capacity overflow, a peer that did not arrive). Calls
+    /// made with capacity-sized outputs return before the device has run them; this is where
+    /// their errors surface.
+    pub fn synchronize(&mut self) -> Result<()> {
+        self.check_usable()?;
+        self.run(|b| b.synchronize())
+    }
+
     /// The error that poisoned this dispatcher, if any.
     pub fn poisoned(&self) -> Option<&EpError> {
         self.poisoned.as_ref()

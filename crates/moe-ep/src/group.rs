@@ -1,6 +1,7 @@
 //! A group of ranks that dispatch among themselves.
 
 use crate::backend::cpu::Exchange;
+use crate::backend::cuda::{CudaExchange, CudaRank};
 use crate::error::{EpError, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,18 +19,26 @@ pub struct Group {
 pub(crate) enum GroupKind {
     /// Ranks are threads of this process; they meet in a shared exchange.
     Cpu(Arc<Exchange>),
+    /// Ranks are threads of this process, each driving a GPU; they exchange buffer addresses
+    /// through the control plane and then meet in device memory.
+    Cuda {
+        exchange: Arc<CudaExchange>,
+        device: Arc<CudaRank>,
+    },
 }
 
 /// Which backend a group runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
     Cpu,
+    Cuda,
 }
 
 impl BackendKind {
     pub fn name(self) -> &'static str {
         match self {
             BackendKind::Cpu => "cpu",
+            BackendKind::Cuda => "cuda",
         }
     }
 }
@@ -55,6 +64,35 @@ impl Group {
             .collect())
     }
 
+    /// One rank per entry of `devices` (CUDA ordinals; repeat one to put several ranks on a GPU),
+    /// all driven by threads of this process: move each [`Group`] to its own thread.
+    pub fn cuda_local(devices: &[u32]) -> Result<Vec<Group>> {
+        if devices.is_empty() {
+            return Err(EpError::Group {
+                arg: "devices",
+                expected: "at least 1 device".into(),
+                actual: "none".into(),
+            });
+        }
+        let world = devices.len();
+        let exchange = Arc::new(CudaExchange::new(world));
+        devices
+            .iter()
+            .enumerate()
+            .map(|(rank, &ordinal)| {
+                Ok(Group {
+                    rank,
+                    world,
+                    next_channel: AtomicU64::new(0),
+                    kind: GroupKind::Cuda {
+                        exchange: exchange.clone(),
+                        device: Arc::new(CudaRank::new(ordinal)?),
+                    },
+                })
+            })
+            .collect()
+    }
+
     pub fn rank(&self) -> usize {
         self.rank
     }
@@ -66,6 +104,7 @@ impl Group {
     pub fn backend(&self) -> BackendKind {
         match self.kind {
             GroupKind::Cpu(_) => BackendKind::Cpu,
+            GroupKind::Cuda { .. } => BackendKind::Cuda,
         }
     }
 

@@ -1,5 +1,6 @@
 //! What the dispatcher's calls return.
 
+use crate::error::Result;
 use crate::tensor::Tensor;
 
 /// The output of [`crate::Dispatcher::dispatch`] on one rank.
@@ -40,23 +41,64 @@ pub struct DispatchOutput {
 impl DispatchOutput {
     /// Rows that hold received data: token-major, the received tokens; expert-major, the padded
     /// total. Reads the count tensors (a host synchronization on a GPU backend).
-    pub fn valid_rows(&self) -> usize {
+    pub fn valid_rows(&self) -> Result<usize> {
         if let Some(h) = &self.host_counts {
-            return h.rows;
+            return Ok(h.rows);
         }
-        match &self.expert_offsets {
+        Ok(match &self.expert_offsets {
             Some(off) => off
-                .as_slice::<i32>()
-                .ok()
-                .and_then(|o| o.last().copied())
+                .to_host()?
+                .as_slice::<i32>()?
+                .last()
+                .copied()
                 .unwrap_or(0) as usize,
             None => self
                 .num_recv_per_src
-                .as_slice::<i32>()
-                .map(|c| c.iter().map(|&n| n as usize).sum())
-                .unwrap_or(0),
-        }
+                .to_host()?
+                .as_slice::<i32>()?
+                .iter()
+                .map(|&n| n as usize)
+                .sum(),
+        })
     }
+
+    /// A copy with every tensor on the host.
+    pub fn to_host(&self) -> Result<DispatchOutput> {
+        Ok(DispatchOutput {
+            x: self.x.to_host()?,
+            scales: opt_host(&self.scales)?,
+            topk_idx: opt_host(&self.topk_idx)?,
+            topk_weights: opt_host(&self.topk_weights)?,
+            src: self.src.to_host()?,
+            local_expert: opt_host(&self.local_expert)?,
+            num_recv_per_src: self.num_recv_per_src.to_host()?,
+            num_recv_per_local_expert: self.num_recv_per_local_expert.to_host()?,
+            expert_offsets: opt_host(&self.expert_offsets)?,
+            host_counts: self.host_counts.clone(),
+        })
+    }
+
+    /// Keeps the first `rows` rows of every per-row tensor.
+    pub(crate) fn truncate_rows(&mut self, rows: usize) -> Result<()> {
+        self.x.truncate_rows(rows)?;
+        self.src.truncate_rows(rows)?;
+        for t in [
+            &mut self.scales,
+            &mut self.topk_idx,
+            &mut self.topk_weights,
+            &mut self.local_expert,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            t.truncate_rows(rows)?;
+        }
+        Ok(())
+    }
+}
+
+fn opt_host(t: &Option<Tensor>) -> Result<Option<Tensor>> {
+    t.as_ref().map(Tensor::to_host).transpose()
 }
 
 /// Exact counts on the host.
@@ -78,6 +120,16 @@ pub struct CachedDispatchOutput {
     pub scales: Option<Tensor>,
 }
 
+impl CachedDispatchOutput {
+    /// A copy with every tensor on the host.
+    pub fn to_host(&self) -> Result<Self> {
+        Ok(CachedDispatchOutput {
+            x: self.x.to_host()?,
+            scales: opt_host(&self.scales)?,
+        })
+    }
+}
+
 /// The output of [`crate::Dispatcher::combine`] on the source rank.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -86,6 +138,16 @@ pub struct CombineOutput {
     pub x: Tensor,
     /// Token-major with `weights` given: `[T, K]` f32, the per-slot sums.
     pub weights: Option<Tensor>,
+}
+
+impl CombineOutput {
+    /// A copy with every tensor on the host.
+    pub fn to_host(&self) -> Result<Self> {
+        Ok(CombineOutput {
+            x: self.x.to_host()?,
+            weights: opt_host(&self.weights)?,
+        })
+    }
 }
 
 /// The output of [`crate::Dispatcher::dispatch_backward`] on the source rank.
@@ -98,6 +160,16 @@ pub struct DispatchBackwardOutput {
     pub grad_weights: Option<Tensor>,
 }
 
+impl DispatchBackwardOutput {
+    /// A copy with every tensor on the host.
+    pub fn to_host(&self) -> Result<Self> {
+        Ok(DispatchBackwardOutput {
+            grad_x: self.grad_x.to_host()?,
+            grad_weights: opt_host(&self.grad_weights)?,
+        })
+    }
+}
+
 /// The output of [`crate::Dispatcher::combine_backward`].
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -106,4 +178,14 @@ pub struct CombineBackwardOutput {
     pub grad_y: Tensor,
     /// On the source rank, `[T, K]` f32: the gradient of the weights (expert-major with `y` given).
     pub grad_weights: Option<Tensor>,
+}
+
+impl CombineBackwardOutput {
+    /// A copy with every tensor on the host.
+    pub fn to_host(&self) -> Result<Self> {
+        Ok(CombineBackwardOutput {
+            grad_y: self.grad_y.to_host()?,
+            grad_weights: opt_host(&self.grad_weights)?,
+        })
+    }
 }

@@ -29,13 +29,28 @@ pub fn backends() -> Vec<BackendStatus> {
             available: false,
             detail: "the driver loaded but reports no CUDA device".into(),
         },
-        Ok(devs) => BackendStatus {
-            name: "cuda",
-            available: false,
-            detail: format!(
-                "{} CUDA device(s) found, but this build has no CUDA backend yet (the NVLink kernels are not part of this version)",
-                devs.len()
-            ),
+        Ok(devs) => match moe_ep_kernels::FATBIN {
+            None => BackendStatus {
+                name: "cuda",
+                available: false,
+                detail: format!(
+                    "{} CUDA device(s) found, but moe-ep was built without its kernels: {}",
+                    devs.len(),
+                    moe_ep_kernels::NOT_BUILT
+                ),
+            },
+            Some(_) => BackendStatus {
+                name: "cuda",
+                available: true,
+                detail: format!(
+                    "{} device(s): {}",
+                    devs.len(),
+                    devs.iter()
+                        .map(|d| format!("cuda:{} {}", d.ordinal, d.name))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            },
         },
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -3,8 +3,10 @@
 
 use crate::dtype::{DType, Element};
 use crate::error::{EpError, Result};
+use crate::ffi::cuda_memory::StreamBuffer;
 use std::fmt;
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 /// Where a tensor's bytes live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -261,6 +263,8 @@ impl HostBuffer {
 #[derive(Clone)]
 enum Storage {
     Host(HostBuffer),
+    /// Device memory of the CUDA backend, shared by the tensors cut from one allocation.
+    Cuda(Arc<StreamBuffer>),
 }
 
 /// A tensor owned by the library: dispatch and combine outputs.
@@ -316,19 +320,79 @@ impl Tensor {
     }
 
     pub fn device(&self) -> Device {
-        match self.storage {
+        match &self.storage {
             Storage::Host(_) => Device::Host,
+            Storage::Cuda(b) => Device::Cuda(b.ordinal()),
         }
+    }
+
+    /// A device tensor over `buffer`, which holds at least the shape's bytes.
+    pub(crate) fn on_device(buffer: StreamBuffer, shape: &[usize], dtype: DType) -> Result<Self> {
+        let shape = Shape::new(shape)?;
+        let need = shape.numel() * dtype.size();
+        assert!(
+            buffer.bytes() >= need,
+            "device buffer of {} bytes for {need}",
+            buffer.bytes()
+        );
+        Ok(Tensor {
+            storage: Storage::Cuda(Arc::new(buffer)),
+            shape,
+            dtype,
+        })
+    }
+
+    /// The device address of a CUDA tensor (`None` on the host).
+    pub fn device_ptr(&self) -> Option<u64> {
+        match &self.storage {
+            Storage::Host(_) => None,
+            Storage::Cuda(b) => Some(b.ptr()),
+        }
+    }
+
+    /// A host copy (waits for the device's queued work); a host tensor is cloned.
+    pub fn to_host(&self) -> Result<Tensor> {
+        match &self.storage {
+            Storage::Host(_) => Ok(self.clone()),
+            Storage::Cuda(b) => {
+                let mut t = Tensor::zeros(self.shape.dims(), self.dtype)?;
+                b.read(t.host_bytes_mut())
+                    .map_err(|reason| EpError::BackendUnavailable {
+                        backend: "cuda",
+                        reason,
+                    })?;
+                Ok(t)
+            }
+        }
+    }
+
+    /// Keeps the first `rows` rows (exact-size outputs cut from a capacity-sized buffer).
+    pub(crate) fn truncate_rows(&mut self, rows: usize) -> Result<()> {
+        let mut dims = self.shape.dims().to_vec();
+        if let Some(first) = dims.first_mut() {
+            *first = rows.min(*first);
+        }
+        self.shape = Shape::new(&dims)?;
+        if let Storage::Host(b) = &mut self.storage {
+            b.len_bytes = self.shape.numel() * self.dtype.size();
+        }
+        Ok(())
     }
 
     /// A borrowed view, to pass this tensor back into the library (e.g. as combine's `y`).
     pub fn view(&self) -> TensorRef<'_> {
-        match &self.storage {
-            Storage::Host(b) => TensorRef {
-                data: ViewData::Host(b.bytes()),
-                shape: self.shape,
-                dtype: self.dtype,
+        let data = match &self.storage {
+            Storage::Host(b) => ViewData::Host(b.bytes()),
+            Storage::Cuda(b) => ViewData::Cuda {
+                ptr: b.ptr(),
+                ordinal: b.ordinal(),
+                _life: PhantomData,
             },
+        };
+        TensorRef {
+            data,
+            shape: self.shape,
+            dtype: self.dtype,
         }
     }
 
@@ -346,35 +410,61 @@ impl Tensor {
         dims[0] = rows;
         let shape = Shape::new(&dims[..self.shape.ndim()])?;
         let len = shape.numel() * self.dtype.size();
-        let bytes = self.host_bytes();
+        let data = match self.view().data {
+            ViewData::Host(bytes) => ViewData::Host(&bytes[..len]),
+            cuda => cuda,
+        };
         Ok(TensorRef {
-            data: ViewData::Host(&bytes[..len]),
+            data,
             shape,
             dtype: self.dtype,
         })
     }
 
+    /// The bytes of a host tensor.
+    ///
+    /// # Panics
+    /// On a device tensor: read it with [`Tensor::to_host`] first.
     pub fn host_bytes(&self) -> &[u8] {
         match &self.storage {
             Storage::Host(b) => b.bytes(),
+            Storage::Cuda(b) => panic!("tensor is on cuda:{}; call to_host() first", b.ordinal()),
         }
     }
 
+    /// The bytes of a host tensor, writable.
+    ///
+    /// # Panics
+    /// On a device tensor.
     pub fn host_bytes_mut(&mut self) -> &mut [u8] {
         match &mut self.storage {
             Storage::Host(b) => b.bytes_mut(),
+            Storage::Cuda(b) => panic!("tensor is on cuda:{}; call to_host() first", b.ordinal()),
         }
     }
 
-    /// The elements as `T`; errors when `T` is not this tensor's dtype.
+    /// The elements as `T`; errors when `T` is not this tensor's dtype or the tensor is on a device.
     pub fn as_slice<T: Element>(&self) -> Result<&[T]> {
         self.check_dtype::<T>()?;
+        self.check_host()?;
         Ok(bytemuck::cast_slice(self.host_bytes()))
     }
 
     pub fn as_mut_slice<T: Element>(&mut self) -> Result<&mut [T]> {
         self.check_dtype::<T>()?;
+        self.check_host()?;
         Ok(bytemuck::cast_slice_mut(self.host_bytes_mut()))
+    }
+
+    fn check_host(&self) -> Result<()> {
+        match self.device() {
+            Device::Host => Ok(()),
+            other => Err(EpError::Device {
+                arg: "tensor",
+                expected: "host (call to_host() first)".into(),
+                actual: other.to_string(),
+            }),
+        }
     }
 
     /// A copy of the elements as a `Vec<T>`.

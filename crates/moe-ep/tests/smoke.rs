@@ -32,7 +32,7 @@ fn run(layout: Layout) {
                         None,
                     )
                     .unwrap();
-                let rows = out.valid_rows();
+                let rows = out.valid_rows().unwrap();
                 let y = out.x.view_rows(out.x.rows()).unwrap();
                 let back = ep.combine(&handle, y, None).unwrap();
                 let got = back.x.to_vec::<f32>().unwrap();

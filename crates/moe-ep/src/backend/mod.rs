@@ -1,6 +1,8 @@
 //! The operations every backend implements, on arguments the dispatcher has already validated.
 
 pub(crate) mod cpu;
+pub(crate) mod cuda;
+pub(crate) mod rendezvous;
 
 use crate::error::Result;
 use crate::handle::HandleInner;
@@ -8,11 +10,12 @@ use crate::output::{
     CachedDispatchOutput, CombineBackwardOutput, CombineOutput, DispatchBackwardOutput,
     DispatchOutput,
 };
-use crate::tensor::{Device, TensorRef};
+use crate::tensor::{Device, Tensor, TensorRef};
 
 /// A backend's private routing state inside a [`crate::Handle`].
 pub(crate) enum BackendHandle {
     Cpu(cpu::CpuHandle),
+    Cuda(cuda::CudaHandle),
 }
 
 /// Dispatch arguments after validation: shapes, dtypes and devices match the config.
@@ -38,6 +41,13 @@ pub(crate) struct Dispatched {
 pub(crate) trait Backend: Send {
     /// Where this backend wants its inputs.
     fn device(&self) -> Device;
+
+    /// Waits for this rank's queued work and reports errors found on the device since the last
+    /// synchronization.
+    fn synchronize(&mut self) -> Result<()>;
+
+    /// A copy of host data where this backend wants its inputs.
+    fn to_device(&self, host: TensorRef<'_>) -> Result<Tensor>;
 
     fn dispatch(&mut self, args: DispatchArgs<'_>) -> Result<Dispatched>;
 

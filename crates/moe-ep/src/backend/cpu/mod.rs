@@ -6,11 +6,10 @@
 //! the way back each expert rank sends one (partial) row per (token, source rank).
 
 mod dispatch;
-mod exchange;
 mod reduce;
 
-pub(crate) use exchange::Op;
-use exchange::Rendezvous;
+pub(crate) use crate::backend::rendezvous::Op;
+use crate::backend::rendezvous::Rendezvous;
 
 use super::{Backend, DispatchArgs, Dispatched};
 use crate::config::EpConfig;
@@ -98,7 +97,8 @@ pub(crate) struct CpuBackend {
     placement: Arc<Placement>,
 }
 
-fn config_fields(c: &EpConfig) -> Vec<(&'static str, String)> {
+/// The config, field by field, as ranks compare it when a dispatcher is built.
+pub(crate) fn config_fields(c: &EpConfig) -> Vec<(&'static str, String)> {
     vec![
         ("num_experts", c.num_experts.to_string()),
         ("topk", c.topk.to_string()),
@@ -200,6 +200,9 @@ fn packet_for(post: &Message, rank: usize) -> &Packet {
 fn cpu_state(h: &HandleInner) -> &CpuHandle {
     match &h.state {
         super::BackendHandle::Cpu(c) => c,
+        super::BackendHandle::Cuda(_) => {
+            unreachable!("the dispatcher checked the handle is its own")
+        }
     }
 }
 
@@ -226,6 +229,14 @@ fn gather_rows(
 impl Backend for CpuBackend {
     fn device(&self) -> Device {
         Device::Host
+    }
+
+    fn synchronize(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn to_device(&self, host: TensorRef<'_>) -> Result<Tensor> {
+        Tensor::from_bytes(host.host_bytes("tensor")?, host.dims(), host.dtype())
     }
 
     fn dispatch(&mut self, args: DispatchArgs<'_>) -> Result<Dispatched> {

@@ -1,4 +1,5 @@
-//! Where the CPU backend's rank threads meet. Each collective step is a round keyed by (channel,
+//! Where ranks of one process meet (the CPU backend's data exchange, and the CUDA backend's
+//! control plane). Each collective step is a round keyed by (channel,
 //! sequence number): every rank posts one message, and once all have posted each rank takes a
 //! reference to all of them. Messages are reference-counted, so a rank never waits for its peers to
 //! finish reading; a round is dropped once every rank has taken it. A rank that does not post

@@ -1,0 +1,931 @@
+//! The CUDA backend: each rank drives one GPU (several ranks may share one) from a thread of this
+//! process, and the kernels store rows straight into peer GPUs' memory (peer access over NVLink).
+//!
+//! Every call is a short kernel sequence on the rank's stream with no host synchronization, unless
+//! exact output sizes are asked for. Ranks meet through epoch-valued flags: the call number, the
+//! same on every rank, so flags never need resetting. A call first makes sure every rank entered it
+//! (dispatch's count exchange does this; the other calls raise and wait a flag), which guarantees
+//! every peer finished its previous call and its buffers are free to write into.
+
+mod buffers;
+
+use super::{Backend, BackendHandle, DispatchArgs, Dispatched};
+use crate::backend::rendezvous::{Op, Rendezvous};
+use crate::config::{EpConfig, Layout, OutputSizing};
+use crate::dtype::DType;
+use crate::error::{EpError, Result};
+use crate::ffi::cuda_kernels::{
+    self as k, ptr_or_null, Elem, EpDims, EpPeers, Grid, Kernels, SIDE_EXPANDED, SIDE_NONE,
+    SIDE_ROW_K, SIDE_ROW_K_OWNED, SIG_DATA, SIG_DATA2, SIG_ENTER,
+};
+use crate::ffi::cuda_memory::{self as mem, StreamBuffer};
+use crate::handle::HandleInner;
+use crate::output::{
+    CachedDispatchOutput, CombineBackwardOutput, CombineOutput, DispatchBackwardOutput,
+    DispatchOutput, HostCounts,
+};
+use crate::placement::Placement;
+use crate::tensor::{Device, Tensor, TensorRef};
+use buffers::SharedBuffers;
+use cudarc::driver::{CudaContext, CudaStream};
+use std::sync::Arc;
+
+/// What CUDA ranks of one process exchange when a dispatcher is built.
+pub(crate) enum CudaMessage {
+    Config(Vec<(&'static str, String)>),
+    Addresses { ordinal: u32, buffers: [u64; 7] },
+}
+
+/// The control plane of a group of CUDA ranks in one process.
+pub(crate) type CudaExchange = Rendezvous<CudaMessage>;
+
+/// A rank's device: its context and the stream its calls run on.
+pub(crate) struct CudaRank {
+    pub(crate) ctx: Arc<CudaContext>,
+    pub(crate) stream: Arc<CudaStream>,
+}
+
+impl CudaRank {
+    pub(crate) fn new(ordinal: u32) -> Result<Self> {
+        let unavailable = |reason: String| EpError::BackendUnavailable {
+            backend: "cuda",
+            reason,
+        };
+        crate::probe::cuda_devices().map_err(unavailable)?;
+        let ctx = CudaContext::new(ordinal as usize)
+            .map_err(|e| unavailable(mem::describe("creating the context", e)))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| unavailable(mem::describe("creating a stream", e)))?;
+        Ok(CudaRank { ctx, stream })
+    }
+}
+
+fn device_error(what: String) -> EpError {
+    EpError::BackendUnavailable {
+        backend: "cuda",
+        reason: what,
+    }
+}
+
+fn elem(dtype: DType) -> Elem {
+    match dtype {
+        DType::BF16 => Elem::Bf16,
+        DType::F16 => Elem::F16,
+        DType::F32 => Elem::F32,
+        other => unreachable!("{other} is not a combine dtype; the config admits bf16, f16, f32"),
+    }
+}
+
+fn i32_of(v: usize) -> i32 {
+    i32::try_from(v).expect("sizes fit in i32 (checked when the dispatcher was built)")
+}
+
+/// The CUDA backend's routing state inside a handle, all on the device.
+pub(crate) struct CudaHandle {
+    /// `[T, world]`: position of each token among those sent to each rank, -1 if not sent.
+    pos: StreamBuffer,
+    /// `[world + 1]`: first staged row of each source on this rank.
+    recv_base: StreamBuffer,
+    /// `[world]`: first row of this rank's tokens on each destination.
+    my_base_on: StreamBuffer,
+    /// `[world * max_tokens, 2]`: (source, token) of each staged row.
+    row_src: StreamBuffer,
+    /// Token-major `[world * max_tokens, K]`: local slot ids of each staged row.
+    row_slots: Option<StreamBuffer>,
+    /// Expert-major `[world * max_tokens, K]`: the output row of each slot of each staged row.
+    exp_rows: Option<StreamBuffer>,
+    /// Expert-major `[rows]`: the weight of each output row (1 when dispatch had none).
+    row_weights: Option<StreamBuffer>,
+    /// Expert-major `[E_local + 1]`: the aligned group starts (shared with the dispatch output).
+    offsets: Option<Tensor>,
+}
+
+impl CudaHandle {
+    fn offsets_ptr(&self) -> u64 {
+        ptr_or_null(self.offsets.as_ref().and_then(Tensor::device_ptr))
+    }
+}
+
+pub(crate) struct CudaBackend {
+    rank: usize,
+    world: usize,
+    config: EpConfig,
+    placement: Arc<Placement>,
+    device: Arc<CudaRank>,
+    kernels: Kernels,
+    shared: SharedBuffers,
+    peers: EpPeers,
+    expert_rank: StreamBuffer,
+    local_index: StreamBuffer,
+    local_experts: StreamBuffer,
+    capacity: StreamBuffer,
+    done: StreamBuffer,
+    err: StreamBuffer,
+    epoch: u64,
+    blocks: u32,
+}
+
+fn i32_buffer(
+    stream: &Arc<CudaStream>,
+    values: impl IntoIterator<Item = usize>,
+) -> Result<StreamBuffer> {
+    let v: Vec<i32> = values.into_iter().map(i32_of).collect();
+    StreamBuffer::from_host(stream, bytemuck::cast_slice(&v)).map_err(device_error)
+}
+
+impl CudaBackend {
+    pub(crate) fn new(
+        exchange: Arc<CudaExchange>,
+        rank: usize,
+        channel: u64,
+        device: Arc<CudaRank>,
+        config: EpConfig,
+        placement: Arc<Placement>,
+    ) -> Result<Self> {
+        let world = placement.world();
+        if world > k::MAX_WORLD {
+            return Err(EpError::Group {
+                arg: "world",
+                expected: format!("at most {} ranks for the CUDA backend", k::MAX_WORLD),
+                actual: world.to_string(),
+            });
+        }
+        let fatbin = moe_ep_kernels::FATBIN.ok_or_else(|| EpError::BackendUnavailable {
+            backend: "cuda",
+            reason: format!(
+                "moe-ep was built without CUDA kernels: {}",
+                moe_ep_kernels::NOT_BUILT
+            ),
+        })?;
+        let kernels = Kernels::load(&device.ctx, fatbin).map_err(device_error)?;
+        let s = &device.stream;
+        let capacity_rows: Vec<usize> = (0..world)
+            .map(|d| {
+                config
+                    .recv_capacity
+                    .unwrap_or_else(|| config.worst_case_rows(world, placement.num_local(d)))
+            })
+            .collect();
+        let shared = SharedBuffers::new(&device.ctx, &config, world).map_err(device_error)?;
+        let backend_key = |seq| (channel, seq);
+        // Every rank checks the others built the same config, then learns their buffer addresses.
+        let fields = crate::backend::cpu::config_fields(&config);
+        let posts = exchange.all_gather(
+            rank,
+            backend_key(0),
+            Op::Create,
+            CudaMessage::Config(fields.clone()),
+            config.timeout,
+        )?;
+        for (peer, post) in posts.iter().enumerate() {
+            let CudaMessage::Config(theirs) = post.as_ref() else {
+                unreachable!("the first round carries configs")
+            };
+            if let Some((a, b)) = fields.iter().zip(theirs).find(|(a, b)| a != b) {
+                return Err(EpError::ConfigMismatch {
+                    rank,
+                    peer,
+                    expected: format!("{} = {}", a.0, a.1),
+                    actual: format!("{} = {}", b.0, b.1),
+                });
+            }
+        }
+        let mine = CudaMessage::Addresses {
+            ordinal: device.ctx.ordinal() as u32,
+            buffers: shared.addresses(),
+        };
+        let posts = exchange.all_gather(rank, backend_key(1), Op::Create, mine, config.timeout)?;
+        let mut peers = EpPeers::default();
+        for (r, post) in posts.iter().enumerate() {
+            let CudaMessage::Addresses { ordinal, buffers } = post.as_ref() else {
+                unreachable!("the second round carries addresses")
+            };
+            let peer_ctx = CudaContext::new(*ordinal as usize)
+                .map_err(|e| device_error(mem::describe("peer context", e)))?;
+            mem::enable_peer_access(&device.ctx, &peer_ctx).map_err(device_error)?;
+            peers.signals[r] = buffers[0];
+            peers.inbox[r] = buffers[1];
+            peers.stage_x[r] = buffers[2];
+            peers.stage_scales[r] = buffers[3];
+            peers.stage_meta[r] = buffers[4];
+            peers.back[r] = buffers[5];
+            peers.back_side[r] = buffers[6];
+        }
+        let e = config.num_experts;
+        let expert_rank = i32_buffer(s, (0..e).map(|x| placement.rank_of(x)))?;
+        let local_index = i32_buffer(s, (0..e).map(|x| placement.local_index(x)))?;
+        let local_experts = i32_buffer(s, placement.experts_of(rank).to_vec())?;
+        let capacity = i32_buffer(s, capacity_rows)?;
+        let done = StreamBuffer::filled(s, 4, 0).map_err(device_error)?;
+        let err = StreamBuffer::filled(s, 16, 0).map_err(device_error)?;
+        let sms = device
+            .ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(|e| device_error(mem::describe("reading the SM count", e)))?;
+        let blocks = config.num_sms.unwrap_or(sms as u32).max(1);
+        s.synchronize()
+            .map_err(|e| device_error(mem::describe("cuStreamSynchronize", e)))?;
+        Ok(CudaBackend {
+            rank,
+            world,
+            config,
+            placement,
+            device,
+            kernels,
+            shared,
+            peers,
+            expert_rank,
+            local_index,
+            local_experts,
+            capacity,
+            done,
+            err,
+            epoch: 0,
+            blocks,
+        })
+    }
+
+    fn stream(&self) -> &Arc<CudaStream> {
+        &self.device.stream
+    }
+
+    fn ordinal(&self) -> u32 {
+        self.device.ctx.ordinal() as u32
+    }
+
+    /// Starts a call: its number, and the dims every kernel of it takes.
+    fn begin(&mut self, x_row_bytes: usize) -> EpDims {
+        self.epoch += 1;
+        let c = &self.config;
+        EpDims {
+            rank: i32_of(self.rank),
+            world: i32_of(self.world),
+            num_experts: i32_of(c.num_experts),
+            num_local: i32_of(self.placement.num_local(self.rank)),
+            topk: i32_of(c.topk),
+            hidden: i32_of(c.hidden),
+            scale_cols: i32_of(c.scale_columns),
+            max_tokens: i32_of(c.max_tokens_per_rank),
+            x_row_bytes: i32_of(x_row_bytes),
+            stage_row_bytes: i32_of(self.shared.stage_row_bytes),
+            epoch: self.epoch,
+            timeout_ns: c.timeout.as_nanos().min(u64::MAX as u128) as u64,
+        }
+    }
+
+    fn alloc(&self, bytes: usize, fill: u8) -> Result<StreamBuffer> {
+        StreamBuffer::filled(self.stream(), bytes, fill).map_err(device_error)
+    }
+
+    fn tensor(&self, rows: usize, cols: Option<usize>, dtype: DType, fill: u8) -> Result<Tensor> {
+        let shape: Vec<usize> = match cols {
+            Some(c) => vec![rows, c],
+            None => vec![rows],
+        };
+        let bytes = shape.iter().product::<usize>() * dtype.size();
+        Tensor::on_device(self.alloc(bytes, fill)?, &shape, dtype)
+    }
+
+    fn grid(&self) -> Grid {
+        Grid {
+            blocks: self.blocks,
+            threads: 256,
+        }
+    }
+
+    fn stage_rows(&self) -> usize {
+        self.world * self.config.max_tokens_per_rank
+    }
+
+    fn capacity_of_me(&self) -> usize {
+        self.config.recv_capacity.unwrap_or_else(|| {
+            self.config
+                .worst_case_rows(self.world, self.placement.num_local(self.rank))
+        })
+    }
+
+    fn check<T>(&self, r: std::result::Result<T, String>) -> Result<T> {
+        r.map_err(device_error)
+    }
+
+    /// Waits for this rank's work and turns a device-side error record into an error; errors that
+    /// leave the group consistent (bad expert id, capacity) are cleared so the dispatcher goes on.
+    pub(crate) fn synchronize(&mut self) -> Result<()> {
+        let mut rec = [0u8; 16];
+        self.check(self.err.read(&mut rec))?;
+        let rec: [i32; 4] = bytemuck::cast(rec);
+        let error = match rec[0] {
+            0 => return Ok(()),
+            k::ERR_EXPERT_ID => EpError::ExpertOutOfRange {
+                arg: "topk_idx",
+                row: rec[1] as usize,
+                col: rec[2] as usize,
+                value: rec[3] as i64,
+                num_experts: self.config.num_experts,
+            },
+            k::ERR_CAPACITY => EpError::CapacityExceeded {
+                rank: rec[1] as usize,
+                need: rec[2] as usize,
+                capacity: rec[3] as usize,
+            },
+            k::ERR_ROWS => EpError::Shape {
+                arg: "y",
+                expected: format!(
+                    "[at least {}, {}] (every row dispatch produced)",
+                    rec[1], self.config.hidden
+                ),
+                actual: format!("[{}, {}]", rec[2], self.config.hidden),
+            },
+            k::ERR_TIMEOUT => EpError::Timeout {
+                rank: rec[1] as usize,
+                missing: vec![rec[2] as usize],
+                waited: self.config.timeout,
+            },
+            other => device_error(format!("unknown device error record {other}")),
+        };
+        if !error.poisons() {
+            self.err = self.alloc(16, 0)?;
+        }
+        Err(error)
+    }
+
+    fn finish_exact(&mut self) -> Result<bool> {
+        let exact = self.config.output_sizing == OutputSizing::Exact;
+        if exact {
+            self.synchronize()?;
+        }
+        Ok(exact)
+    }
+
+    fn barrier(&self, dm: EpDims) -> Result<()> {
+        let r = self.kernels.signal_wait(
+            self.stream(),
+            &self.peers,
+            dm,
+            SIG_ENTER,
+            true,
+            self.err.ptr(),
+        );
+        self.check(r)
+    }
+
+    fn wait_data(&self, dm: EpDims, sig: i32) -> Result<()> {
+        let r =
+            self.kernels
+                .signal_wait(self.stream(), &self.peers, dm, sig, false, self.err.ptr());
+        self.check(r)
+    }
+
+    /// Sends a payload along a recorded routing into every destination's staging buffer.
+    fn send_payload(
+        &self,
+        dm: EpDims,
+        h: &CudaHandle,
+        x: u64,
+        scales: Option<u64>,
+        num_tokens: usize,
+    ) -> Result<()> {
+        let r = self.kernels.dispatch_send(
+            self.stream(),
+            self.grid(),
+            &self.peers,
+            dm,
+            x,
+            ptr_or_null(scales),
+            0,
+            false,
+            0,
+            self.expert_rank.ptr(),
+            self.local_index.ptr(),
+            h.pos.ptr(),
+            h.my_base_on.ptr(),
+            i32_of(num_tokens),
+            true,
+            self.done.ptr(),
+            self.err.ptr(),
+        );
+        self.check(r)
+    }
+
+    /// Lays the staged payload out in the recorded rows: `[out_rows, H]` of `dtype` (+ scales).
+    fn place_payload(
+        &self,
+        dm: EpDims,
+        h: &CudaHandle,
+        out_rows: usize,
+        dtype: DType,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let hidden = self.config.hidden;
+        let s_cols = self.config.scale_columns;
+        let x = self.tensor(out_rows, Some(hidden), dtype, 0)?;
+        let scales = (s_cols > 0)
+            .then(|| self.tensor(out_rows, Some(s_cols), DType::F32, 0))
+            .transpose()?;
+        let out_row_bytes = i32_of(hidden * dtype.size());
+        let x_ptr = x.device_ptr().expect("device tensor");
+        let sc_ptr = ptr_or_null(scales.as_ref().and_then(Tensor::device_ptr));
+        let r = match &h.exp_rows {
+            None => self.kernels.layout_token_major(
+                self.stream(),
+                self.grid(),
+                dm,
+                self.shared.stage_x.ptr(),
+                self.shared.stage_scales.ptr(),
+                self.shared.stage_meta.ptr(),
+                h.recv_base.ptr(),
+                true,
+                out_row_bytes,
+                x_ptr,
+                sc_ptr,
+                0,
+                0,
+                0,
+                0,
+                0,
+                self.err.ptr(),
+            ),
+            Some(exp_rows) => self.kernels.expand_rows(
+                self.stream(),
+                self.grid(),
+                dm,
+                self.shared.stage_x.ptr(),
+                self.shared.stage_scales.ptr(),
+                h.recv_base.ptr(),
+                exp_rows.ptr(),
+                out_row_bytes,
+                x_ptr,
+                sc_ptr,
+                self.err.ptr(),
+            ),
+        };
+        self.check(r)?;
+        Ok((x, scales))
+    }
+
+    /// The reverse direction: each staged row goes back to its source (expert-major: as the
+    /// partial over its slots), then the sources reduce over destinations in rank order.
+    /// `rows_given`: the fewest rows among the per-row tensors handed back.
+    #[allow(clippy::too_many_arguments)]
+    fn reduce_back(
+        &self,
+        dm: EpDims,
+        h: &CudaHandle,
+        num_tokens: usize,
+        y: u64,
+        rows_given: usize,
+        weights: Option<u64>,
+        unit_weights: bool,
+        side: Option<(u64, i32)>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let e = elem(self.config.combine_dtype);
+        let (side_ptr, side_mode) = side.unwrap_or((0, SIDE_NONE));
+        let r = self.kernels.combine_send(
+            self.stream(),
+            e,
+            self.grid(),
+            &self.peers,
+            dm,
+            y,
+            ptr_or_null(weights),
+            ptr_or_null(h.row_weights.as_ref().map(StreamBuffer::ptr)),
+            unit_weights,
+            h.recv_base.ptr(),
+            h.row_src.ptr(),
+            ptr_or_null(h.row_slots.as_ref().map(StreamBuffer::ptr)),
+            ptr_or_null(h.exp_rows.as_ref().map(StreamBuffer::ptr)),
+            side_ptr,
+            side_mode,
+            h.offsets_ptr(),
+            i32_of(rows_given),
+            self.done.ptr(),
+            self.err.ptr(),
+        );
+        self.check(r)?;
+        self.wait_data(dm, SIG_DATA)?;
+        let out = self.tensor(
+            num_tokens,
+            Some(self.config.hidden),
+            self.config.combine_dtype,
+            0,
+        )?;
+        let out_side = side
+            .map(|_| self.tensor(num_tokens, Some(self.config.topk), DType::F32, 0))
+            .transpose()?;
+        self.reduce(
+            dm,
+            h,
+            num_tokens,
+            out.device_ptr(),
+            out_side.as_ref().and_then(Tensor::device_ptr),
+        )?;
+        Ok((out, out_side))
+    }
+
+    fn reduce(
+        &self,
+        dm: EpDims,
+        h: &CudaHandle,
+        num_tokens: usize,
+        out: Option<u64>,
+        out_side: Option<u64>,
+    ) -> Result<()> {
+        let r = self.kernels.combine_reduce(
+            self.stream(),
+            elem(self.config.combine_dtype),
+            self.grid(),
+            dm,
+            self.shared.back.ptr(),
+            self.shared.back_side.ptr(),
+            h.pos.ptr(),
+            i32_of(num_tokens),
+            ptr_or_null(out),
+            ptr_or_null(out_side),
+            self.err.ptr(),
+        );
+        self.check(r)
+    }
+}
+
+fn cuda_state(h: &HandleInner) -> &CudaHandle {
+    match &h.state {
+        BackendHandle::Cuda(c) => c,
+        BackendHandle::Cpu(_) => unreachable!("the dispatcher checked the handle is its own"),
+    }
+}
+
+fn ptr_of(t: &TensorRef<'_>) -> u64 {
+    t.device_ptr()
+        .expect("the dispatcher checked every tensor is on this device")
+}
+
+impl Backend for CudaBackend {
+    fn device(&self) -> Device {
+        Device::Cuda(self.ordinal())
+    }
+
+    fn synchronize(&mut self) -> Result<()> {
+        CudaBackend::synchronize(self)
+    }
+
+    fn to_device(&self, host: TensorRef<'_>) -> Result<Tensor> {
+        let bytes = host.host_bytes("tensor")?;
+        let buf = StreamBuffer::from_host(self.stream(), bytes).map_err(device_error)?;
+        Tensor::on_device(buf, host.dims(), host.dtype())
+    }
+
+    fn dispatch(&mut self, args: DispatchArgs<'_>) -> Result<Dispatched> {
+        let c = self.config.clone();
+        let (world, kk, hidden) = (self.world, c.topk, c.hidden);
+        let num_tokens = args.x.dims()[0];
+        let dm = self.begin(hidden * c.dtype.size());
+        let num_local = self.placement.num_local(self.rank);
+        let expert_major = match c.layout {
+            Layout::TokenMajor => None,
+            Layout::ExpertMajor { align } => Some(align),
+        };
+        let stage_rows = self.stage_rows();
+        let cap = self.capacity_of_me();
+        let has_weights = args.weights.is_some();
+
+        let pos = self.alloc(num_tokens * world * 4, 0)?;
+        let counts = self.alloc((world + c.num_experts) * 4, 0)?;
+        let recv_base = self.alloc((world + 1) * 4, 0)?;
+        let my_base_on = self.alloc(world * 4, 0)?;
+        let per_src = self.tensor(world, None, DType::I32, 0)?;
+        let per_expert = self.tensor(num_local, None, DType::I32, 0)?;
+        let offsets = expert_major
+            .map(|_| self.tensor(num_local + 1, None, DType::I32, 0))
+            .transpose()?;
+        let topk = ptr_of(&args.topk_idx);
+        let idx64 = args.topk_idx.dtype() == DType::I64;
+        let r = self.kernels.route(
+            self.stream(),
+            dm,
+            topk,
+            idx64,
+            i32_of(num_tokens),
+            self.expert_rank.ptr(),
+            pos.ptr(),
+            counts.ptr(),
+            self.err.ptr(),
+        );
+        self.check(r)?;
+        let r = self.kernels.notify(
+            self.stream(),
+            &self.peers,
+            dm,
+            counts.ptr(),
+            self.expert_rank.ptr(),
+            self.local_experts.ptr(),
+            self.capacity.ptr(),
+            expert_major.map_or(0, i32_of),
+            recv_base.ptr(),
+            my_base_on.ptr(),
+            per_src.device_ptr().expect("device"),
+            per_expert.device_ptr().expect("device"),
+            ptr_or_null(offsets.as_ref().and_then(Tensor::device_ptr)),
+            self.err.ptr(),
+        );
+        self.check(r)?;
+        let r = self.kernels.dispatch_send(
+            self.stream(),
+            self.grid(),
+            &self.peers,
+            dm,
+            ptr_of(&args.x),
+            ptr_or_null(args.scales.as_ref().map(ptr_of)),
+            topk,
+            idx64,
+            ptr_or_null(args.weights.as_ref().map(ptr_of)),
+            self.expert_rank.ptr(),
+            self.local_index.ptr(),
+            pos.ptr(),
+            my_base_on.ptr(),
+            i32_of(num_tokens),
+            false,
+            self.done.ptr(),
+            self.err.ptr(),
+        );
+        self.check(r)?;
+        self.wait_data(dm, SIG_DATA)?;
+
+        let row_src = self.alloc(stage_rows * 2 * 4, 0xFF)?;
+        let src_cols = if expert_major.is_some() { 3 } else { 2 };
+        let src = self.tensor(cap, Some(src_cols), DType::I32, 0xFF)?;
+        let src_ptr = src.device_ptr().expect("device");
+        let mut handle = CudaHandle {
+            pos,
+            recv_base,
+            my_base_on,
+            row_src,
+            row_slots: None,
+            exp_rows: None,
+            row_weights: None,
+            offsets: offsets.clone(),
+        };
+        let (topk_out, weights_out, local_expert) = match expert_major {
+            None => {
+                let row_slots = self.alloc(stage_rows * kk * 4, 0xFF)?;
+                let topk_out = self.tensor(cap, Some(kk), DType::I32, 0xFF)?;
+                let w = has_weights
+                    .then(|| self.tensor(cap, Some(kk), DType::F32, 0))
+                    .transpose()?;
+                let (x, scales) = self.place_payload(dm, &handle, cap, c.dtype)?;
+                let r = self.kernels.layout_token_major(
+                    self.stream(),
+                    self.grid(),
+                    dm,
+                    self.shared.stage_x.ptr(),
+                    self.shared.stage_scales.ptr(),
+                    self.shared.stage_meta.ptr(),
+                    handle.recv_base.ptr(),
+                    false,
+                    i32_of(hidden * c.dtype.size()),
+                    x.device_ptr().expect("device"),
+                    ptr_or_null(scales.as_ref().and_then(Tensor::device_ptr)),
+                    topk_out.device_ptr().expect("device"),
+                    ptr_or_null(w.as_ref().and_then(Tensor::device_ptr)),
+                    src_ptr,
+                    handle.row_src.ptr(),
+                    row_slots.ptr(),
+                    self.err.ptr(),
+                );
+                self.check(r)?;
+                handle.row_slots = Some(row_slots);
+                (Some((x, scales, topk_out)), w, None)
+            }
+            Some(_) => {
+                let exp_rows = self.alloc(stage_rows * kk * 4, 0xFF)?;
+                let row_weights = self.alloc(cap * 4, 0)?;
+                let local_expert = self.tensor(cap, None, DType::I32, 0xFF)?;
+                let w = has_weights
+                    .then(|| self.tensor(cap, None, DType::F32, 0))
+                    .transpose()?;
+                let r = self.kernels.layout_expert_major(
+                    self.stream(),
+                    dm,
+                    self.shared.stage_meta.ptr(),
+                    handle.recv_base.ptr(),
+                    offsets
+                        .as_ref()
+                        .and_then(Tensor::device_ptr)
+                        .expect("expert-major offsets"),
+                    has_weights,
+                    ptr_or_null(w.as_ref().and_then(Tensor::device_ptr)),
+                    src_ptr,
+                    local_expert.device_ptr().expect("device"),
+                    exp_rows.ptr(),
+                    row_weights.ptr(),
+                    handle.row_src.ptr(),
+                    self.err.ptr(),
+                );
+                self.check(r)?;
+                handle.exp_rows = Some(exp_rows);
+                handle.row_weights = Some(row_weights);
+                (None, w, Some(local_expert))
+            }
+        };
+        let (x, scales, topk_idx) = match topk_out {
+            Some((x, scales, t)) => (x, scales, Some(t)),
+            None => {
+                let (x, scales) = self.place_payload(dm, &handle, cap, c.dtype)?;
+                (x, scales, None)
+            }
+        };
+        let mut output = DispatchOutput {
+            x,
+            scales,
+            topk_idx,
+            topk_weights: weights_out,
+            src,
+            local_expert,
+            num_recv_per_src: per_src,
+            num_recv_per_local_expert: per_expert,
+            expert_offsets: offsets,
+            host_counts: None,
+        };
+        // Without a host sync the valid row count stays on the device; the kernels that take rows
+        // back check it there.
+        let mut num_rows = 0;
+        let mut out_rows = cap;
+        if self.finish_exact()? {
+            let host = |t: &Tensor| -> Result<Vec<usize>> {
+                Ok(t.to_host()?
+                    .as_slice::<i32>()?
+                    .iter()
+                    .map(|&v| v as usize)
+                    .collect())
+            };
+            let per_src = host(&output.num_recv_per_src)?;
+            let per_local_expert = host(&output.num_recv_per_local_expert)?;
+            let expert_offsets = output.expert_offsets.as_ref().map(host).transpose()?;
+            let rows = match &expert_offsets {
+                Some(o) => *o.last().expect("E_local + 1 offsets"),
+                None => per_src.iter().sum(),
+            };
+            output.truncate_rows(rows)?;
+            output.host_counts = Some(HostCounts {
+                rows,
+                per_src,
+                per_local_expert,
+                expert_offsets,
+            });
+            num_rows = rows;
+            out_rows = rows;
+        }
+        Ok(Dispatched {
+            output,
+            num_rows,
+            out_rows,
+            state: BackendHandle::Cuda(handle),
+        })
+    }
+
+    fn dispatch_cached(
+        &mut self,
+        handle: &HandleInner,
+        x: TensorRef<'_>,
+        scales: Option<TensorRef<'_>>,
+    ) -> Result<CachedDispatchOutput> {
+        let h = cuda_state(handle);
+        let dm = self.begin(self.config.hidden * self.config.dtype.size());
+        self.barrier(dm)?;
+        self.send_payload(
+            dm,
+            h,
+            ptr_of(&x),
+            scales.as_ref().map(ptr_of),
+            handle.num_tokens,
+        )?;
+        self.wait_data(dm, SIG_DATA)?;
+        let (x, scales) = self.place_payload(dm, h, handle.out_rows, self.config.dtype)?;
+        self.finish_exact()?;
+        Ok(CachedDispatchOutput { x, scales })
+    }
+
+    fn combine(
+        &mut self,
+        handle: &HandleInner,
+        y: TensorRef<'_>,
+        weights: Option<TensorRef<'_>>,
+    ) -> Result<CombineOutput> {
+        let h = cuda_state(handle);
+        let dm = self.begin(self.config.hidden * self.config.combine_dtype.size());
+        self.barrier(dm)?;
+        let token_major = h.exp_rows.is_none();
+        let (override_weights, side) = match (&weights, token_major) {
+            (Some(w), true) => (None, Some((ptr_of(w), SIDE_ROW_K))),
+            (Some(w), false) => (Some(ptr_of(w)), None),
+            (None, _) => (None, None),
+        };
+        let rows_given = weights
+            .as_ref()
+            .map_or(y.dims()[0], |w| w.dims()[0].min(y.dims()[0]));
+        let (x, weights) = self.reduce_back(
+            dm,
+            h,
+            handle.num_tokens,
+            ptr_of(&y),
+            rows_given,
+            override_weights,
+            false,
+            side,
+        )?;
+        self.finish_exact()?;
+        Ok(CombineOutput { x, weights })
+    }
+
+    fn dispatch_backward(
+        &mut self,
+        handle: &HandleInner,
+        grad_recv: TensorRef<'_>,
+        grad_recv_weights: Option<TensorRef<'_>>,
+    ) -> Result<DispatchBackwardOutput> {
+        let h = cuda_state(handle);
+        let dm = self.begin(self.config.hidden * self.config.combine_dtype.size());
+        self.barrier(dm)?;
+        let mode = if h.exp_rows.is_none() {
+            SIDE_ROW_K_OWNED
+        } else {
+            SIDE_EXPANDED
+        };
+        let side = grad_recv_weights.as_ref().map(|w| (ptr_of(w), mode));
+        let rows_given = grad_recv_weights.as_ref().map_or(grad_recv.dims()[0], |w| {
+            w.dims()[0].min(grad_recv.dims()[0])
+        });
+        let (grad_x, grad_weights) = self.reduce_back(
+            dm,
+            h,
+            handle.num_tokens,
+            ptr_of(&grad_recv),
+            rows_given,
+            None,
+            true,
+            side,
+        )?;
+        self.finish_exact()?;
+        Ok(DispatchBackwardOutput {
+            grad_x,
+            grad_weights,
+        })
+    }
+
+    fn combine_backward(
+        &mut self,
+        handle: &HandleInner,
+        grad_out: TensorRef<'_>,
+        y: Option<TensorRef<'_>>,
+    ) -> Result<CombineBackwardOutput> {
+        let h = cuda_state(handle);
+        let cd = self.config.combine_dtype;
+        let dm = self.begin(self.config.hidden * cd.size());
+        self.barrier(dm)?;
+        self.send_payload(dm, h, ptr_of(&grad_out), None, handle.num_tokens)?;
+        self.wait_data(dm, SIG_DATA)?;
+        let Some(exp_rows) = &h.exp_rows else {
+            // Token-major combine is an unweighted sum: its backward is a replay of grad_out.
+            let (grad_y, _) = self.place_payload(dm, h, handle.out_rows, cd)?;
+            self.finish_exact()?;
+            return Ok(CombineBackwardOutput {
+                grad_y,
+                grad_weights: None,
+            });
+        };
+        let grad_y = self.tensor(handle.out_rows, Some(self.config.hidden), cd, 0)?;
+        let r = self.kernels.combine_backward_expert(
+            self.stream(),
+            elem(cd),
+            self.grid(),
+            &self.peers,
+            dm,
+            self.shared.stage_x.ptr(),
+            ptr_or_null(y.as_ref().map(ptr_of)),
+            h.row_weights.as_ref().expect("expert-major handle").ptr(),
+            h.recv_base.ptr(),
+            h.row_src.ptr(),
+            exp_rows.ptr(),
+            h.offsets_ptr(),
+            i32_of(y.as_ref().map_or(0, |y| y.dims()[0])),
+            grad_y.device_ptr().expect("device"),
+            self.done.ptr(),
+            self.err.ptr(),
+        );
+        self.check(r)?;
+        let grad_weights = if y.is_some() {
+            self.wait_data(dm, SIG_DATA2)?;
+            let gw = self.tensor(handle.num_tokens, Some(self.config.topk), DType::F32, 0)?;
+            self.reduce(dm, h, handle.num_tokens, None, gw.device_ptr())?;
+            Some(gw)
+        } else {
+            None
+        };
+        self.finish_exact()?;
+        Ok(CombineBackwardOutput {
+            grad_y,
+            grad_weights,
+        })
+    }
+}

@@ -1,0 +1,610 @@
+//! The edge to moe-ep's own kernels (crates/moe-ep-kernels/cuda/moe_ep.cu): the parameter structs
+//! mirrored from moe_ep.h, and one launch function per kernel whose argument list mirrors the
+//! kernel's signature. Buffer sizes are the callers' (backend/cuda) duty, as each kernel's comment
+//! in moe_ep.cu states them; these functions are crate-internal for that reason.
+
+use super::cuda_memory::describe;
+use cudarc::driver::{result, CudaContext, CudaFunction, CudaModule, CudaStream};
+use std::ffi::c_void;
+use std::sync::Arc;
+
+/// Must equal EP_MAX_WORLD in moe_ep.h.
+pub(crate) const MAX_WORLD: usize = 16;
+pub(crate) const SIG_ENTER: i32 = 0;
+pub(crate) const SIG_DATA: i32 = 1;
+pub(crate) const SIG_DATA2: i32 = 2;
+pub(crate) const NUM_SIGNALS: usize = 3;
+pub(crate) const ERR_EXPERT_ID: i32 = 1;
+pub(crate) const ERR_TIMEOUT: i32 = 2;
+pub(crate) const ERR_CAPACITY: i32 = 3;
+pub(crate) const ERR_ROWS: i32 = 4;
+pub(crate) const SIDE_NONE: i32 = 0;
+pub(crate) const SIDE_ROW_K: i32 = 1;
+pub(crate) const SIDE_ROW_K_OWNED: i32 = 2;
+pub(crate) const SIDE_EXPANDED: i32 = 3;
+
+/// Ints of metadata per staged row (EP_META_INTS).
+pub(crate) fn meta_ints(topk: usize) -> usize {
+    2 + 2 * topk
+}
+
+/// `struct EpPeers` of moe_ep.h: every rank's shared buffer addresses.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct EpPeers {
+    pub signals: [u64; MAX_WORLD],
+    pub inbox: [u64; MAX_WORLD],
+    pub stage_x: [u64; MAX_WORLD],
+    pub stage_scales: [u64; MAX_WORLD],
+    pub stage_meta: [u64; MAX_WORLD],
+    pub back: [u64; MAX_WORLD],
+    pub back_side: [u64; MAX_WORLD],
+}
+
+/// `struct EpDims` of moe_ep.h.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct EpDims {
+    pub rank: i32,
+    pub world: i32,
+    pub num_experts: i32,
+    pub num_local: i32,
+    pub topk: i32,
+    pub hidden: i32,
+    pub scale_cols: i32,
+    pub max_tokens: i32,
+    pub x_row_bytes: i32,
+    pub stage_row_bytes: i32,
+    pub epoch: u64,
+    pub timeout_ns: u64,
+}
+
+/// One kernel argument, stored by value until the launch copies it.
+enum Arg {
+    Ptr(u64),
+    Int(i32),
+    Peers(Box<EpPeers>),
+    Dims(EpDims),
+}
+
+impl Arg {
+    fn param(&mut self) -> *mut c_void {
+        match self {
+            Arg::Ptr(v) => v as *mut u64 as *mut c_void,
+            Arg::Int(v) => v as *mut i32 as *mut c_void,
+            Arg::Peers(p) => &mut **p as *mut EpPeers as *mut c_void,
+            Arg::Dims(d) => d as *mut EpDims as *mut c_void,
+        }
+    }
+}
+
+/// 0 for an absent optional buffer: the kernels read a null pointer as "not given".
+pub(crate) fn ptr_or_null(p: Option<u64>) -> u64 {
+    p.unwrap_or(0)
+}
+
+/// The element type a templated kernel is instantiated for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Elem {
+    Bf16,
+    F16,
+    F32,
+}
+
+const ELEMS: [(Elem, &str); 3] = [(Elem::Bf16, "bf16"), (Elem::F16, "f16"), (Elem::F32, "f32")];
+
+struct Typed {
+    combine_send: CudaFunction,
+    combine_reduce: CudaFunction,
+    combine_backward_expert: CudaFunction,
+}
+
+/// The loaded kernels of one device.
+pub(crate) struct Kernels {
+    _module: Arc<CudaModule>,
+    route: CudaFunction,
+    notify: CudaFunction,
+    dispatch_send: CudaFunction,
+    signal_wait: CudaFunction,
+    layout_token_major: CudaFunction,
+    layout_expert_major: CudaFunction,
+    expand_rows: CudaFunction,
+    typed: Vec<(Elem, Typed)>,
+}
+
+const PLAIN: [&str; 7] = [
+    "ep_route",
+    "ep_notify",
+    "ep_dispatch_send",
+    "ep_signal_wait",
+    "ep_layout_token_major",
+    "ep_layout_expert_major",
+    "ep_expand_rows",
+];
+
+/// Grid and block of a launch (1-D).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Grid {
+    pub blocks: u32,
+    pub threads: u32,
+}
+
+fn launch(
+    stream: &Arc<CudaStream>,
+    f: &CudaFunction,
+    grid: Grid,
+    mut args: Vec<Arg>,
+    name: &str,
+) -> Result<(), String> {
+    if grid.blocks == 0 {
+        return Ok(());
+    }
+    let mut params: Vec<*mut c_void> = args.iter_mut().map(Arg::param).collect();
+    // SAFETY: every caller below passes exactly the kernel's parameters, in order and with the
+    // kernel's types (device addresses as u64, ints as i32, the two structs mirrored from
+    // moe_ep.h), and addresses of buffers sized as the kernel's comment states that stay alive
+    // until the stream has run the kernel (they are owned by the dispatcher, the handle or the
+    // caller's tensors). `args` outlives the call, which copies the parameters.
+    unsafe {
+        result::launch_kernel(
+            f.cu_function(),
+            (grid.blocks, 1, 1),
+            (grid.threads, 1, 1),
+            0,
+            stream.cu_stream(),
+            &mut params,
+        )
+    }
+    .map_err(|e| describe(&format!("launching {name}"), e))
+}
+
+impl Kernels {
+    pub(crate) fn load(ctx: &Arc<CudaContext>, fatbin: &[u8]) -> Result<Self, String> {
+        let mut names: Vec<String> = PLAIN.iter().map(|s| s.to_string()).collect();
+        for (_, suffix) in ELEMS {
+            for base in [
+                "ep_combine_send",
+                "ep_combine_reduce",
+                "ep_combine_backward_expert",
+            ] {
+                names.push(format!("{base}_{suffix}"));
+            }
+        }
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let (module, mut f) = super::cuda_memory::load_kernels(ctx, fatbin, &refs)?;
+        let mut typed_fns = f.split_off(PLAIN.len()).into_iter();
+        let mut plain = f.into_iter();
+        let mut next = || plain.next().expect("one function per name");
+        let (route, notify, dispatch_send, signal_wait) = (next(), next(), next(), next());
+        let (layout_token_major, layout_expert_major, expand_rows) = (next(), next(), next());
+        let typed = ELEMS
+            .iter()
+            .map(|&(elem, _)| {
+                let mut take = || typed_fns.next().expect("three functions per element type");
+                let (combine_send, combine_reduce, combine_backward_expert) =
+                    (take(), take(), take());
+                (
+                    elem,
+                    Typed {
+                        combine_send,
+                        combine_reduce,
+                        combine_backward_expert,
+                    },
+                )
+            })
+            .collect();
+        Ok(Kernels {
+            _module: module,
+            route,
+            notify,
+            dispatch_send,
+            signal_wait,
+            layout_token_major,
+            layout_expert_major,
+            expand_rows,
+            typed,
+        })
+    }
+
+    fn typed(&self, elem: Elem) -> &Typed {
+        &self
+            .typed
+            .iter()
+            .find(|(e, _)| *e == elem)
+            .expect("every element type is loaded")
+            .1
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn route(
+        &self,
+        s: &Arc<CudaStream>,
+        dm: EpDims,
+        topk: u64,
+        idx64: bool,
+        num_tokens: i32,
+        expert_rank: u64,
+        pos: u64,
+        counts: u64,
+        err: u64,
+    ) -> Result<(), String> {
+        let grid = Grid {
+            blocks: dm.world as u32 + 1,
+            threads: 1024,
+        };
+        let args = vec![
+            Arg::Dims(dm),
+            Arg::Ptr(topk),
+            Arg::Int(idx64 as i32),
+            Arg::Int(num_tokens),
+            Arg::Ptr(expert_rank),
+            Arg::Ptr(pos),
+            Arg::Ptr(counts),
+            Arg::Ptr(err),
+        ];
+        launch(s, &self.route, grid, args, "ep_route")
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn notify(
+        &self,
+        s: &Arc<CudaStream>,
+        peers: &EpPeers,
+        dm: EpDims,
+        counts: u64,
+        expert_rank: u64,
+        local_experts: u64,
+        capacity: u64,
+        align: i32,
+        recv_base: u64,
+        my_base_on: u64,
+        out_per_src: u64,
+        out_per_expert: u64,
+        out_offsets: u64,
+        err: u64,
+    ) -> Result<(), String> {
+        let args = vec![
+            Arg::Peers(Box::new(*peers)),
+            Arg::Dims(dm),
+            Arg::Ptr(counts),
+            Arg::Ptr(expert_rank),
+            Arg::Ptr(local_experts),
+            Arg::Ptr(capacity),
+            Arg::Int(align),
+            Arg::Ptr(recv_base),
+            Arg::Ptr(my_base_on),
+            Arg::Ptr(out_per_src),
+            Arg::Ptr(out_per_expert),
+            Arg::Ptr(out_offsets),
+            Arg::Ptr(err),
+        ];
+        launch(
+            s,
+            &self.notify,
+            Grid {
+                blocks: 1,
+                threads: 256,
+            },
+            args,
+            "ep_notify",
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn dispatch_send(
+        &self,
+        s: &Arc<CudaStream>,
+        grid: Grid,
+        peers: &EpPeers,
+        dm: EpDims,
+        x: u64,
+        scales: u64,
+        topk: u64,
+        idx64: bool,
+        weights: u64,
+        expert_rank: u64,
+        local_index: u64,
+        pos: u64,
+        my_base_on: u64,
+        num_tokens: i32,
+        payload_only: bool,
+        done: u64,
+        err: u64,
+    ) -> Result<(), String> {
+        let args = vec![
+            Arg::Peers(Box::new(*peers)),
+            Arg::Dims(dm),
+            Arg::Ptr(x),
+            Arg::Ptr(scales),
+            Arg::Ptr(topk),
+            Arg::Int(idx64 as i32),
+            Arg::Ptr(weights),
+            Arg::Ptr(expert_rank),
+            Arg::Ptr(local_index),
+            Arg::Ptr(pos),
+            Arg::Ptr(my_base_on),
+            Arg::Int(num_tokens),
+            Arg::Int(payload_only as i32),
+            Arg::Ptr(done),
+            Arg::Ptr(err),
+        ];
+        launch(s, &self.dispatch_send, grid, args, "ep_dispatch_send")
+    }
+
+    pub(crate) fn signal_wait(
+        &self,
+        s: &Arc<CudaStream>,
+        peers: &EpPeers,
+        dm: EpDims,
+        sig: i32,
+        raise: bool,
+        err: u64,
+    ) -> Result<(), String> {
+        let args = vec![
+            Arg::Peers(Box::new(*peers)),
+            Arg::Dims(dm),
+            Arg::Int(sig),
+            Arg::Int(raise as i32),
+            Arg::Ptr(err),
+        ];
+        launch(
+            s,
+            &self.signal_wait,
+            Grid {
+                blocks: 1,
+                threads: 32,
+            },
+            args,
+            "ep_signal_wait",
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn layout_token_major(
+        &self,
+        s: &Arc<CudaStream>,
+        grid: Grid,
+        dm: EpDims,
+        stage_x: u64,
+        stage_scales: u64,
+        stage_meta: u64,
+        recv_base: u64,
+        payload_only: bool,
+        out_row_bytes: i32,
+        out_x: u64,
+        out_scales: u64,
+        out_topk: u64,
+        out_weights: u64,
+        out_src: u64,
+        row_src: u64,
+        row_slots: u64,
+        err: u64,
+    ) -> Result<(), String> {
+        let args = vec![
+            Arg::Dims(dm),
+            Arg::Ptr(stage_x),
+            Arg::Ptr(stage_scales),
+            Arg::Ptr(stage_meta),
+            Arg::Ptr(recv_base),
+            Arg::Int(payload_only as i32),
+            Arg::Int(out_row_bytes),
+            Arg::Ptr(out_x),
+            Arg::Ptr(out_scales),
+            Arg::Ptr(out_topk),
+            Arg::Ptr(out_weights),
+            Arg::Ptr(out_src),
+            Arg::Ptr(row_src),
+            Arg::Ptr(row_slots),
+            Arg::Ptr(err),
+        ];
+        launch(
+            s,
+            &self.layout_token_major,
+            grid,
+            args,
+            "ep_layout_token_major",
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn layout_expert_major(
+        &self,
+        s: &Arc<CudaStream>,
+        dm: EpDims,
+        stage_meta: u64,
+        recv_base: u64,
+        offsets: u64,
+        has_weights: bool,
+        out_weights: u64,
+        out_src: u64,
+        out_local_expert: u64,
+        exp_rows: u64,
+        row_weights: u64,
+        row_src: u64,
+        err: u64,
+    ) -> Result<(), String> {
+        // One block per local expert; with no local expert, block 0 still records row_src.
+        let grid = Grid {
+            blocks: (dm.num_local as u32).max(1),
+            threads: 1024,
+        };
+        let args = vec![
+            Arg::Dims(dm),
+            Arg::Ptr(stage_meta),
+            Arg::Ptr(recv_base),
+            Arg::Ptr(offsets),
+            Arg::Int(has_weights as i32),
+            Arg::Ptr(out_weights),
+            Arg::Ptr(out_src),
+            Arg::Ptr(out_local_expert),
+            Arg::Ptr(exp_rows),
+            Arg::Ptr(row_weights),
+            Arg::Ptr(row_src),
+            Arg::Ptr(err),
+        ];
+        launch(
+            s,
+            &self.layout_expert_major,
+            grid,
+            args,
+            "ep_layout_expert_major",
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn expand_rows(
+        &self,
+        s: &Arc<CudaStream>,
+        grid: Grid,
+        dm: EpDims,
+        stage_x: u64,
+        stage_scales: u64,
+        recv_base: u64,
+        exp_rows: u64,
+        out_row_bytes: i32,
+        out_x: u64,
+        out_scales: u64,
+        err: u64,
+    ) -> Result<(), String> {
+        let args = vec![
+            Arg::Dims(dm),
+            Arg::Ptr(stage_x),
+            Arg::Ptr(stage_scales),
+            Arg::Ptr(recv_base),
+            Arg::Ptr(exp_rows),
+            Arg::Int(out_row_bytes),
+            Arg::Ptr(out_x),
+            Arg::Ptr(out_scales),
+            Arg::Ptr(err),
+        ];
+        launch(s, &self.expand_rows, grid, args, "ep_expand_rows")
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn combine_send(
+        &self,
+        s: &Arc<CudaStream>,
+        elem: Elem,
+        grid: Grid,
+        peers: &EpPeers,
+        dm: EpDims,
+        y: u64,
+        weights: u64,
+        row_weights: u64,
+        unit_weights: bool,
+        recv_base: u64,
+        row_src: u64,
+        row_slots: u64,
+        exp_rows: u64,
+        side: u64,
+        side_mode: i32,
+        offsets: u64,
+        rows_given: i32,
+        done: u64,
+        err: u64,
+    ) -> Result<(), String> {
+        let args = vec![
+            Arg::Peers(Box::new(*peers)),
+            Arg::Dims(dm),
+            Arg::Ptr(y),
+            Arg::Ptr(weights),
+            Arg::Ptr(row_weights),
+            Arg::Int(unit_weights as i32),
+            Arg::Ptr(recv_base),
+            Arg::Ptr(row_src),
+            Arg::Ptr(row_slots),
+            Arg::Ptr(exp_rows),
+            Arg::Ptr(side),
+            Arg::Int(side_mode),
+            Arg::Ptr(offsets),
+            Arg::Int(rows_given),
+            Arg::Ptr(done),
+            Arg::Ptr(err),
+        ];
+        launch(
+            s,
+            &self.typed(elem).combine_send,
+            grid,
+            args,
+            "ep_combine_send",
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn combine_reduce(
+        &self,
+        s: &Arc<CudaStream>,
+        elem: Elem,
+        grid: Grid,
+        dm: EpDims,
+        back: u64,
+        back_side: u64,
+        pos: u64,
+        num_tokens: i32,
+        out: u64,
+        out_side: u64,
+        err: u64,
+    ) -> Result<(), String> {
+        let args = vec![
+            Arg::Dims(dm),
+            Arg::Ptr(back),
+            Arg::Ptr(back_side),
+            Arg::Ptr(pos),
+            Arg::Int(num_tokens),
+            Arg::Ptr(out),
+            Arg::Ptr(out_side),
+            Arg::Ptr(err),
+        ];
+        launch(
+            s,
+            &self.typed(elem).combine_reduce,
+            grid,
+            args,
+            "ep_combine_reduce",
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn combine_backward_expert(
+        &self,
+        s: &Arc<CudaStream>,
+        elem: Elem,
+        grid: Grid,
+        peers: &EpPeers,
+        dm: EpDims,
+        stage_g: u64,
+        y: u64,
+        row_weights: u64,
+        recv_base: u64,
+        row_src: u64,
+        exp_rows: u64,
+        offsets: u64,
+        rows_given: i32,
+        grad_y: u64,
+        done: u64,
+        err: u64,
+    ) -> Result<(), String> {
+        let args = vec![
+            Arg::Peers(Box::new(*peers)),
+            Arg::Dims(dm),
+            Arg::Ptr(stage_g),
+            Arg::Ptr(y),
+            Arg::Ptr(row_weights),
+            Arg::Ptr(recv_base),
+            Arg::Ptr(row_src),
+            Arg::Ptr(exp_rows),
+            Arg::Ptr(offsets),
+            Arg::Int(rows_given),
+            Arg::Ptr(grad_y),
+            Arg::Ptr(done),
+            Arg::Ptr(err),
+        ];
+        launch(
+            s,
+            &self.typed(elem).combine_backward_expert,
+            grid,
+            args,
+            "ep_combine_backward_expert",
+        )
+    }
+}

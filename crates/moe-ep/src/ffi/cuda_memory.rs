@@ -1,0 +1,192 @@
+//! CUDA driver calls for memory, copies, peer access and modules (libcuda through cudarc's
+//! `result`/`sys` layers). Every type here owns what it allocated and frees it on drop.
+
+use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
+use std::sync::Arc;
+
+/// A driver error as text, with what was being done.
+pub(crate) fn describe(what: &str, e: DriverError) -> String {
+    format!("{what}: {e:?}")
+}
+
+/// Device memory with a fixed address, allocated with `cuMemAlloc`, so peers can be given its
+/// address (peer access in one process; IPC export later). Used for the buffers peers write into.
+pub(crate) struct SharedBuffer {
+    ptr: sys::CUdeviceptr,
+    ctx: Arc<CudaContext>,
+}
+
+impl SharedBuffer {
+    /// `bytes` zeroed bytes on `ctx`'s device (at least 1, so every buffer has an address).
+    pub(crate) fn zeroed(ctx: &Arc<CudaContext>, bytes: usize) -> Result<Self, String> {
+        ctx.bind_to_thread()
+            .map_err(|e| describe("binding the context", e))?;
+        let bytes = bytes.max(1);
+        // SAFETY: the context is current on this thread; the allocation is owned by the returned
+        // value and freed once, in Drop.
+        let ptr = unsafe { result::malloc_sync(bytes) }.map_err(|e| describe("cuMemAlloc", e))?;
+        // SAFETY: `ptr` points to `bytes` bytes just allocated on the current context.
+        unsafe { result::memset_d8_sync(ptr, 0, bytes) }.map_err(|e| describe("cuMemsetD8", e))?;
+        Ok(SharedBuffer {
+            ptr,
+            ctx: ctx.clone(),
+        })
+    }
+
+    pub(crate) fn ptr(&self) -> u64 {
+        self.ptr
+    }
+}
+
+impl Drop for SharedBuffer {
+    fn drop(&mut self) {
+        // A failure here means the context is already gone; nothing is left to free.
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: `ptr` came from cuMemAlloc on this context and is freed only here. Peers stop
+            // using it before the dispatcher owning it is dropped (the last call waited for them).
+            let _ = unsafe { result::free_sync(self.ptr) };
+        }
+    }
+}
+
+/// Stream-ordered device memory (`cuMemAllocAsync`), freed on the same stream when dropped: the
+/// outputs and handle state of each call, which only this rank touches.
+pub(crate) struct StreamBuffer {
+    ptr: sys::CUdeviceptr,
+    bytes: usize,
+    stream: Arc<CudaStream>,
+}
+
+impl StreamBuffer {
+    /// `bytes` bytes, every byte set to `fill`, ordered on `stream`.
+    pub(crate) fn filled(stream: &Arc<CudaStream>, bytes: usize, fill: u8) -> Result<Self, String> {
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| describe("binding the context", e))?;
+        let bytes = bytes.max(1);
+        // SAFETY: the stream belongs to the current context; the memory is owned by the returned
+        // value and freed once, in Drop, on the same stream.
+        let ptr = unsafe { result::malloc_async(stream.cu_stream(), bytes) }
+            .map_err(|e| describe("cuMemAllocAsync", e))?;
+        // SAFETY: `ptr` points to `bytes` bytes ordered on this stream.
+        unsafe { result::memset_d8_async(ptr, fill, bytes, stream.cu_stream()) }
+            .map_err(|e| describe("cuMemsetD8Async", e))?;
+        Ok(StreamBuffer {
+            ptr,
+            bytes,
+            stream: stream.clone(),
+        })
+    }
+
+    /// A copy of host bytes.
+    pub(crate) fn from_host(stream: &Arc<CudaStream>, data: &[u8]) -> Result<Self, String> {
+        let buf = StreamBuffer::filled(stream, data.len(), 0)?;
+        if !data.is_empty() {
+            // SAFETY: the destination holds at least data.len() bytes; the source slice outlives
+            // the copy because the stream is synchronized before returning.
+            unsafe { result::memcpy_htod_async(buf.ptr, data, stream.cu_stream()) }
+                .map_err(|e| describe("cuMemcpyHtoDAsync", e))?;
+            stream
+                .synchronize()
+                .map_err(|e| describe("cuStreamSynchronize", e))?;
+        }
+        Ok(buf)
+    }
+
+    pub(crate) fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub(crate) fn ordinal(&self) -> u32 {
+        self.stream.context().ordinal() as u32
+    }
+
+    /// Copies the first `out.len()` bytes to the host, waiting for the stream.
+    pub(crate) fn read(&self, out: &mut [u8]) -> Result<(), String> {
+        read_device(&self.stream, self.ptr, out)
+    }
+}
+
+impl Drop for StreamBuffer {
+    fn drop(&mut self) {
+        if self.stream.context().bind_to_thread().is_ok() {
+            // SAFETY: allocated with cuMemAllocAsync on this stream and freed only here; work
+            // queued on the stream before this point still sees the memory.
+            let _ = unsafe { result::free_async(self.ptr, self.stream.cu_stream()) };
+        }
+    }
+}
+
+/// Copies `out.len()` bytes from device address `ptr` to the host once `stream`'s work is done.
+pub(crate) fn read_device(
+    stream: &Arc<CudaStream>,
+    ptr: u64,
+    out: &mut [u8],
+) -> Result<(), String> {
+    stream
+        .context()
+        .bind_to_thread()
+        .map_err(|e| describe("binding the context", e))?;
+    if out.is_empty() {
+        return stream
+            .synchronize()
+            .map_err(|e| describe("cuStreamSynchronize", e));
+    }
+    // SAFETY: callers pass an address holding at least out.len() bytes on this stream's device;
+    // the stream is synchronized before `out` is used.
+    unsafe { result::memcpy_dtoh_async(out, ptr, stream.cu_stream()) }
+        .map_err(|e| describe("cuMemcpyDtoHAsync", e))?;
+    stream
+        .synchronize()
+        .map_err(|e| describe("cuStreamSynchronize", e))
+}
+
+/// Lets `ctx`'s device read and write memory of `peer`'s device (a no-op for the same device).
+pub(crate) fn enable_peer_access(
+    ctx: &Arc<CudaContext>,
+    peer: &Arc<CudaContext>,
+) -> Result<(), String> {
+    if ctx.ordinal() == peer.ordinal() {
+        return Ok(());
+    }
+    ctx.bind_to_thread()
+        .map_err(|e| describe("binding the context", e))?;
+    // SAFETY: both contexts are live primary contexts; enabling access twice is reported as
+    // CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED, which is success for us.
+    let status = unsafe { sys::cuCtxEnablePeerAccess(peer.cu_ctx(), 0) };
+    match status {
+        sys::CUresult::CUDA_SUCCESS | sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => {
+            Ok(())
+        }
+        other => Err(format!(
+            "cuCtxEnablePeerAccess(cuda:{} -> cuda:{}): {other:?}",
+            ctx.ordinal(),
+            peer.ordinal()
+        )),
+    }
+}
+
+/// Loads an embedded fatbin and its kernels by name.
+pub(crate) fn load_kernels(
+    ctx: &Arc<CudaContext>,
+    fatbin: &[u8],
+    names: &[&str],
+) -> Result<(Arc<CudaModule>, Vec<CudaFunction>), String> {
+    let module = ctx
+        .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec()))
+        .map_err(|e| describe("loading the kernel fatbin", e))?;
+    let functions = names
+        .iter()
+        .map(|n| {
+            module
+                .load_function(n)
+                .map_err(|e| describe(&format!("finding kernel {n}"), e))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((module, functions))
+}

@@ -1,0 +1,196 @@
+//! CUDA-only checks beyond the conformance suite: bit-identical results to the CPU backend on
+//! fresh random inputs, and a missing rank turning into a timeout error rather than a hang.
+//! Without a usable GPU each test says why it is skipped.
+
+use half::bf16;
+use moe_ep::{Dispatcher, EpConfig, EpError, Layout, OutputSizing, TensorRef};
+use moe_ep_conformance::suite::{print_skip, run_ranks, BackendUnderTest, CpuBackend};
+use moe_ep_conformance::CudaLocal;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+fn cuda_or_skip(test: &str) -> Option<CudaLocal> {
+    match CudaLocal::from_env() {
+        Ok(c) => Some(c),
+        Err(reason) => {
+            print_skip(test, &reason);
+            None
+        }
+    }
+}
+
+struct RankData {
+    x: Vec<bf16>,
+    topk: Vec<i32>,
+    weights: Vec<f32>,
+}
+
+fn random_inputs(seed: u64, world: usize, t: usize, h: usize, e: usize, k: usize) -> Vec<RankData> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..world)
+        .map(|_| RankData {
+            x: (0..t * h)
+                .map(|_| bf16::from_f32(rng.random_range(-4.0..4.0)))
+                .collect(),
+            topk: (0..t * k)
+                .map(|_| {
+                    if rng.random_range(0..10) == 0 {
+                        -1
+                    } else {
+                        rng.random_range(0..e as i32)
+                    }
+                })
+                .collect(),
+            weights: (0..t * k).map(|_| rng.random_range(0.0..1.0)).collect(),
+        })
+        .collect()
+}
+
+/// Every output of dispatch, combine and both backwards on one rank, as host bytes.
+fn run_all(
+    backend: &dyn BackendUnderTest,
+    config: &EpConfig,
+    data: &[RankData],
+) -> Vec<Vec<Vec<u8>>> {
+    let (t, h, k) = (
+        data[0].x.len() / config.hidden(),
+        config.hidden(),
+        config.topk(),
+    );
+    run_ranks(backend, data.len(), |group| {
+        let d = &data[group.rank()];
+        let err = |e: EpError| e.to_string();
+        let mut ep = Dispatcher::new(&group, config.clone()).map_err(err)?;
+        let put = |v: TensorRef<'_>| ep.to_device(v).map_err(err);
+        let x = put(TensorRef::new(&d.x, &[t, h]).map_err(err)?)?;
+        let topk = put(TensorRef::new(&d.topk, &[t, k]).map_err(err)?)?;
+        let w = put(TensorRef::new(&d.weights, &[t, k]).map_err(err)?)?;
+        let (out, handle) = ep
+            .dispatch(x.view(), topk.view(), Some(w.view()), None)
+            .map_err(err)?;
+        let combined = ep.combine(&handle, out.x.view(), None).map_err(err)?;
+        let grad = ep
+            .dispatch_backward(&handle, out.x.view(), None)
+            .map_err(err)?;
+        let cb = ep
+            .combine_backward(&handle, combined.x.view(), None)
+            .map_err(err)?;
+        ep.synchronize().map_err(err)?;
+        let rows = out.valid_rows().map_err(err)?;
+        let bytes = |t: &moe_ep::Tensor| t.to_host().map(|t| t.host_bytes().to_vec()).map_err(err);
+        let row_bytes = h * 2;
+        Ok(vec![
+            bytes(&out.x)?[..rows * row_bytes].to_vec(),
+            bytes(&out.src)?,
+            bytes(&combined.x)?,
+            bytes(&grad.grad_x)?,
+            bytes(&cb.grad_y)?[..rows * row_bytes].to_vec(),
+        ])
+    })
+    .expect("every rank succeeds")
+}
+
+#[test]
+fn cuda_matches_cpu_bit_for_bit_on_fresh_random_inputs() {
+    let Some(cuda) = cuda_or_skip("cuda_matches_cpu_bit_for_bit_on_fresh_random_inputs") else {
+        return;
+    };
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos() as u64;
+    let (world, t, h, e, k) = (4, 96, 512, 32, 8);
+    let data = random_inputs(seed, world, t, h, e, k);
+    for layout in [Layout::TokenMajor, Layout::ExpertMajor { align: 16 }] {
+        let config = EpConfig::builder()
+            .num_experts(e)
+            .topk(k)
+            .hidden(h)
+            .max_tokens_per_rank(t)
+            .layout(layout)
+            .output_sizing(OutputSizing::Exact)
+            .build()
+            .expect("valid config");
+        let on_cpu = run_all(&CpuBackend, &config, &data);
+        let on_gpu = run_all(&cuda, &config, &data);
+        let names = [
+            "dispatch x",
+            "dispatch src",
+            "combine",
+            "dispatch_backward",
+            "combine_backward",
+        ];
+        for (rank, (c, g)) in on_cpu.iter().zip(&on_gpu).enumerate() {
+            for (name, (a, b)) in names.iter().zip(c.iter().zip(g)) {
+                assert!(
+                    a == b,
+                    "seed {seed}, {}, rank {rank}: {name} differs between cpu and cuda",
+                    layout.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_missing_rank_is_a_timeout_naming_it() {
+    let Some(cuda) = cuda_or_skip("a_missing_rank_is_a_timeout_naming_it") else {
+        return;
+    };
+    let timeout = Duration::from_millis(500);
+    let config = EpConfig::builder()
+        .num_experts(4)
+        .topk(2)
+        .hidden(64)
+        .max_tokens_per_rank(8)
+        .timeout(timeout)
+        .build()
+        .expect("valid config");
+    // Rank 1 keeps its dispatcher (and the memory rank 0 writes into) until rank 0 has given up.
+    let rank0_done = Barrier::new(2);
+    let results = run_ranks(&cuda, 2, |group| {
+        let err = |e: EpError| e.to_string();
+        let mut ep = Dispatcher::new(&group, config.clone()).map_err(err)?;
+        if group.rank() == 1 {
+            rank0_done.wait();
+            return Ok(None); // never dispatches
+        }
+        let x = vec![bf16::ONE; 8 * 64];
+        let topk = vec![0i32, 3, 1, 2, 3, 3, 0, 0, 1, 1, 2, 2, 3, 0, 1, 2];
+        let x = ep
+            .to_device(TensorRef::new(&x, &[8, 64]).map_err(err)?)
+            .map_err(err)?;
+        let topk = ep
+            .to_device(TensorRef::new(&topk, &[8, 2]).map_err(err)?)
+            .map_err(err)?;
+        let start = Instant::now();
+        ep.dispatch(x.view(), topk.view(), None, None)
+            .map_err(err)?;
+        let got = ep.synchronize();
+        let waited = start.elapsed();
+        let again = ep.synchronize();
+        rank0_done.wait();
+        Ok(Some((got, waited, again)))
+    })
+    .expect("ranks run");
+    let (got, waited, again) = results[0].clone().expect("rank 0 dispatched");
+    match got {
+        Err(EpError::Timeout {
+            rank: 0, missing, ..
+        }) => assert_eq!(missing, vec![1]),
+        other => panic!("expected a timeout naming rank 1, got {other:?}"),
+    }
+    assert!(
+        waited >= timeout,
+        "gave up after {waited:?}, before the {timeout:?} timeout"
+    );
+    assert!(
+        waited < timeout * 20,
+        "took {waited:?} for a {timeout:?} timeout"
+    );
+    assert!(
+        matches!(again, Err(EpError::Timeout { .. })),
+        "the dispatcher stays poisoned: {again:?}"
+    );
+}

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The whole GPU suite in one device call.
+#
+#   scripts/gpu-suite.sh build   # here (no GPU needed): kernels + release test binaries into .bin/
+#   scripts/gpu-suite.sh run     # on the GPU machine, from the repo root; prints a table last
+#
+# Device call: run(command="bash scripts/gpu-suite.sh run", carry=[".bin"]).
+# `run` uses every GPU it finds: the conformance suite with 4 ranks on GPU 0, and with ranks on
+# distinct GPUs when there are several; the CUDA-vs-CPU and timeout tests; compute-sanitizer
+# memcheck and racecheck on a one-rank case; a short bench. Logs go to $OUT (or .bin/logs).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+build() {
+    set -e
+    local nvcc
+    nvcc="$(scripts/install-nvcc.sh)"
+    export MOE_EP_NVCC="$nvcc" MOE_EP_REQUIRE_KERNELS=1
+    cargo build --release -p moe-ep-cli
+    local list
+    list="$(cargo test --release --no-run -p moe-ep --test conformance_cuda --test cuda_backend \
+        --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        print(m["target"]["name"], m["executable"])')"
+    rm -rf .bin && mkdir -p .bin
+    while read -r name exe; do cp "$exe" ".bin/$name"; done <<<"$list"
+    cp target/release/moe-ep .bin/moe-ep
+    strip .bin/*
+    ls -la .bin
+}
+
+rows=()
+# step NAME COMMAND...: runs it, logs its output, and adds a table row from libtest's summary.
+step() {
+    local name="$1"; shift
+    local log="$LOGS/$name.log"
+    local start=$SECONDS
+    "$@" >"$log" 2>&1
+    local rc=$?
+    local summary
+    summary="$(grep -E '^test result:' "$log" | tail -n 1 | sed -E 's/^test result: //; s/; 0 measured.*//')"
+    local skipped
+    skipped="$(grep -c '^SKIPPED' "$log")"
+    [ "$skipped" != 0 ] && summary="$summary; $skipped SKIPPED ($(grep -m1 '^SKIPPED' "$log" | cut -c1-60))"
+    [ -z "$summary" ] && summary="$(tail -n 1 "$log" | cut -c1-90)"
+    local verdict=PASS
+    [ $rc -ne 0 ] && verdict="FAIL($rc)"
+    rows+=("$(printf '| %-34s | %-8s | %4ss | %s' "$name" "$verdict" $((SECONDS - start)) "$summary")")
+    echo "== $name: $verdict"
+    [ $rc -ne 0 ] && tail -n 40 "$log"
+    return 0
+}
+
+run() {
+    LOGS="${OUT:-.bin/logs}"
+    mkdir -p "$LOGS"
+    export PATH="/usr/local/cuda/bin:$PATH" RUST_BACKTRACE=1
+    nvidia-smi -L
+    nvidia-smi topo -m 2>/dev/null | head -n 8
+    local n
+    n="$(nvidia-smi -L | wc -l)"
+    local all
+    all="$(seq -s, 0 $((n - 1)))"
+    .bin/moe-ep info
+    step "conformance 4 ranks on gpu 0" env MOE_EP_TEST_DEVICES=0,0,0,0 .bin/conformance_cuda --test-threads=1
+    if [ "$n" -ge 2 ]; then
+        step "conformance ranks on gpus $all" env MOE_EP_TEST_DEVICES="$all" .bin/conformance_cuda --test-threads=1
+    fi
+    step "cuda vs cpu, timeout (gpus $all)" env MOE_EP_TEST_DEVICES="$all" .bin/cuda_backend --test-threads=1
+    step "memcheck (1 rank)" env MOE_EP_TEST_DEVICES=0 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        .bin/conformance_cuda --exact world_1 dtype_f16
+    step "racecheck (1 rank)" env MOE_EP_TEST_DEVICES=0 compute-sanitizer --tool racecheck --error-exitcode 9 \
+        .bin/conformance_cuda --exact world_1
+    step "bench world $n" .bin/moe-ep bench --backend cuda --world "$n" --tokens 1,128,4096 --iters 10 --warmup 3
+    cat "$LOGS/bench world $n.log" | tail -n 12
+    echo
+    printf '| %-34s | %-8s | %5s | %s\n' step result time summary
+    printf '|%s|\n' "------------------------------------|----------|-------|------------------------------"
+    printf '%s\n' "${rows[@]}"
+}
+
+case "${1:-}" in
+    build) build ;;
+    run) run ;;
+    *) echo "usage: $0 build|run" >&2; exit 2 ;;
+esac
