@@ -35,6 +35,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode, String> {
             let placed: Vec<u32> = (0..plan.shape.world)
                 .map(|r| devices[r % devices.len()])
                 .collect();
+            share_gpus_safely(plan.shape.world.div_ceil(devices.len()));
             Group::cuda_local(&placed)
         }
         _ => Group::cpu_world(plan.shape.world),
@@ -360,6 +361,17 @@ fn widen_for_combine(out: &moe_ep::DispatchOutput, plan: &Plan) -> moe_ep::Resul
         y.extend_from_slice(&bf16::from_f32(workload::fp8_e4m3_to_f32(b)).to_le_bytes());
     }
     Ok(Some(y))
+}
+
+/// Ranks sharing a GPU need a hardware queue each (see `Group::cuda_local`); give them enough
+/// when the user did not choose. Runs on the main thread before any CUDA context exists.
+fn share_gpus_safely(ranks_per_gpu: usize) {
+    if ranks_per_gpu > 1 && std::env::var_os("CUDA_DEVICE_MAX_CONNECTIONS").is_none() {
+        std::env::set_var(
+            "CUDA_DEVICE_MAX_CONNECTIONS",
+            (4 * ranks_per_gpu).max(8).to_string(),
+        );
+    }
 }
 
 /// The backend to run: the best available one this binary can drive, or the requested one with

@@ -286,7 +286,8 @@ extern "C" __global__ void ep_notify(EpPeers peers, EpDims dm, const int* counts
     }
 }
 
-// Sends every token once to each of its destination ranks: the x row, the scales row, and (unless
+// Sends every token once to each of its destination ranks: the x row, the scales row (when
+// `scales` is given: replays of gradients carry none), and (unless
 // `payload_only`, i.e. a replay) the row's metadata, straight into the destination's staging
 // buffers at the row the routing gave it. One warp per token.
 extern "C" __global__ void ep_dispatch_send(EpPeers peers, EpDims dm, const uint8_t* x, const float* scales,
@@ -306,7 +307,7 @@ extern "C" __global__ void ep_dispatch_send(EpPeers peers, EpDims dm, const uint
                 const int64_t row = my_base_on[d] + p;
                 warp_copy(reinterpret_cast<uint8_t*>(peers.stage_x[d]) + row * dm.stage_row_bytes,
                           x + static_cast<int64_t>(t) * dm.x_row_bytes, dm.x_row_bytes, lane);
-                if (S > 0) {
+                if (S > 0 && scales) {
                     float* dst = reinterpret_cast<float*>(peers.stage_scales[d]) + row * S;
                     for (int i = lane; i < S; i += 32) dst[i] = scales[static_cast<int64_t>(t) * S + i];
                 }
@@ -357,7 +358,7 @@ extern "C" __global__ void ep_layout_token_major(EpDims dm, const uint8_t* stage
     for (int j = warp; j < rows; j += warps) {
         warp_copy(out_x + static_cast<int64_t>(j) * out_row_bytes,
                   stage_x + static_cast<int64_t>(j) * dm.stage_row_bytes, out_row_bytes, lane);
-        for (int i = lane; i < S; i += 32)
+        for (int i = lane; out_scales && i < S; i += 32)
             out_scales[static_cast<int64_t>(j) * S + i] = stage_scales[static_cast<int64_t>(j) * S + i];
         if (payload_only) continue;
         const int* meta = stage_meta + static_cast<int64_t>(j) * EP_META_INTS(K);
@@ -430,7 +431,7 @@ extern "C" __global__ void ep_expand_rows(EpDims dm, const uint8_t* stage_x, con
             if (r < 0) continue;
             warp_copy(out_x + static_cast<int64_t>(r) * out_row_bytes,
                       stage_x + static_cast<int64_t>(j) * dm.stage_row_bytes, out_row_bytes, lane);
-            for (int i = lane; i < S; i += 32)
+            for (int i = lane; out_scales && i < S; i += 32)
                 out_scales[static_cast<int64_t>(r) * S + i] = stage_scales[static_cast<int64_t>(j) * S + i];
         }
     }

@@ -75,6 +75,7 @@ impl Group {
             });
         }
         let world = devices.len();
+        check_queues_for_shared_gpus(devices)?;
         let exchange = Arc::new(CudaExchange::new(world));
         devices
             .iter()
@@ -112,6 +113,36 @@ impl Group {
     pub(crate) fn take_channel(&self) -> u64 {
         self.next_channel.fetch_add(1, Ordering::Relaxed)
     }
+}
+
+/// Ranks on one GPU wait for each other inside kernels, so their streams must not share a hardware
+/// queue: a kernel queued behind a peer's waiting kernel would never start. The driver spreads
+/// streams over `CUDA_DEVICE_MAX_CONNECTIONS` queues (8 unless set before the first CUDA call);
+/// asking for twice the ranks on the busiest GPU leaves room for the other streams of the process.
+fn check_queues_for_shared_gpus(devices: &[u32]) -> Result<()> {
+    let busiest = devices
+        .iter()
+        .map(|d| devices.iter().filter(|&e| e == d).count())
+        .max()
+        .unwrap_or(0);
+    if busiest <= 1 {
+        return Ok(());
+    }
+    let queues: usize = std::env::var("CUDA_DEVICE_MAX_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    if queues < 2 * busiest {
+        return Err(EpError::Group {
+            arg: "devices",
+            expected: format!(
+                "CUDA_DEVICE_MAX_CONNECTIONS >= {} (set before the first CUDA call) for {busiest} ranks sharing one GPU",
+                2 * busiest
+            ),
+            actual: format!("{queues} hardware queues"),
+        });
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for Group {

@@ -33,7 +33,12 @@ use std::sync::Arc;
 /// What CUDA ranks of one process exchange when a dispatcher is built.
 pub(crate) enum CudaMessage {
     Config(Vec<(&'static str, String)>),
-    Addresses { ordinal: u32, buffers: [u64; 7] },
+    /// A rank's shared buffers. Every rank keeps every rank's buffers alive, so memory a peer may
+    /// still write into is freed only once the whole group is gone.
+    Buffers {
+        ordinal: u32,
+        buffers: Arc<SharedBuffers>,
+    },
 }
 
 /// The control plane of a group of CUDA ranks in one process.
@@ -114,7 +119,9 @@ pub(crate) struct CudaBackend {
     placement: Arc<Placement>,
     device: Arc<CudaRank>,
     kernels: Kernels,
-    shared: SharedBuffers,
+    shared: Arc<SharedBuffers>,
+    /// Every rank's shared buffers (this one's included), kept alive as long as this rank is.
+    _group_buffers: Vec<Arc<SharedBuffers>>,
     peers: EpPeers,
     expert_rank: StreamBuffer,
     local_index: StreamBuffer,
@@ -167,7 +174,8 @@ impl CudaBackend {
                     .unwrap_or_else(|| config.worst_case_rows(world, placement.num_local(d)))
             })
             .collect();
-        let shared = SharedBuffers::new(&device.ctx, &config, world).map_err(device_error)?;
+        let shared =
+            Arc::new(SharedBuffers::new(&device.ctx, &config, world).map_err(device_error)?);
         let backend_key = |seq| (channel, seq);
         // Every rank checks the others built the same config, then learns their buffer addresses.
         let fields = crate::backend::cpu::config_fields(&config);
@@ -191,16 +199,19 @@ impl CudaBackend {
                 });
             }
         }
-        let mine = CudaMessage::Addresses {
+        let mine = CudaMessage::Buffers {
             ordinal: device.ctx.ordinal() as u32,
-            buffers: shared.addresses(),
+            buffers: shared.clone(),
         };
         let posts = exchange.all_gather(rank, backend_key(1), Op::Create, mine, config.timeout)?;
         let mut peers = EpPeers::default();
+        let mut group_buffers = Vec::with_capacity(world);
         for (r, post) in posts.iter().enumerate() {
-            let CudaMessage::Addresses { ordinal, buffers } = post.as_ref() else {
-                unreachable!("the second round carries addresses")
+            let CudaMessage::Buffers { ordinal, buffers } = post.as_ref() else {
+                unreachable!("the second round carries buffers")
             };
+            group_buffers.push(buffers.clone());
+            let buffers = buffers.addresses();
             let peer_ctx = CudaContext::new(*ordinal as usize)
                 .map_err(|e| device_error(mem::describe("peer context", e)))?;
             mem::enable_peer_access(&device.ctx, &peer_ctx).map_err(device_error)?;
@@ -236,6 +247,7 @@ impl CudaBackend {
             device,
             kernels,
             shared,
+            _group_buffers: group_buffers,
             peers,
             expert_rank,
             local_index,
@@ -410,18 +422,20 @@ impl CudaBackend {
         self.check(r)
     }
 
-    /// Lays the staged payload out in the recorded rows: `[out_rows, H]` of `dtype` (+ scales).
+    /// Lays the staged payload out in the recorded rows: `[out_rows, H]` of `dtype`, and the scales
+    /// when `with_scales` (the dispatcher has scale columns and the payload carried them).
     fn place_payload(
         &self,
         dm: EpDims,
         h: &CudaHandle,
         out_rows: usize,
         dtype: DType,
+        with_scales: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let hidden = self.config.hidden;
         let s_cols = self.config.scale_columns;
         let x = self.tensor(out_rows, Some(hidden), dtype, 0)?;
-        let scales = (s_cols > 0)
+        let scales = (with_scales && s_cols > 0)
             .then(|| self.tensor(out_rows, Some(s_cols), DType::F32, 0))
             .transpose()?;
         let out_row_bytes = i32_of(hidden * dtype.size());
@@ -549,6 +563,14 @@ impl CudaBackend {
     }
 }
 
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        // Work still queued on this rank's stream reads and writes the group's buffers; let it
+        // finish (every wait in it is bounded by the timeout) before they may be freed.
+        let _ = self.device.stream.synchronize();
+    }
+}
+
 fn cuda_state(h: &HandleInner) -> &CudaHandle {
     match &h.state {
         BackendHandle::Cuda(c) => c,
@@ -673,7 +695,7 @@ impl Backend for CudaBackend {
                 let w = has_weights
                     .then(|| self.tensor(cap, Some(kk), DType::F32, 0))
                     .transpose()?;
-                let (x, scales) = self.place_payload(dm, &handle, cap, c.dtype)?;
+                let (x, scales) = self.place_payload(dm, &handle, cap, c.dtype, true)?;
                 let r = self.kernels.layout_token_major(
                     self.stream(),
                     self.grid(),
@@ -731,7 +753,7 @@ impl Backend for CudaBackend {
         let (x, scales, topk_idx) = match topk_out {
             Some((x, scales, t)) => (x, scales, Some(t)),
             None => {
-                let (x, scales) = self.place_payload(dm, &handle, cap, c.dtype)?;
+                let (x, scales) = self.place_payload(dm, &handle, cap, c.dtype, true)?;
                 (x, scales, None)
             }
         };
@@ -801,7 +823,7 @@ impl Backend for CudaBackend {
             handle.num_tokens,
         )?;
         self.wait_data(dm, SIG_DATA)?;
-        let (x, scales) = self.place_payload(dm, h, handle.out_rows, self.config.dtype)?;
+        let (x, scales) = self.place_payload(dm, h, handle.out_rows, self.config.dtype, true)?;
         self.finish_exact()?;
         Ok(CachedDispatchOutput { x, scales })
     }
@@ -887,7 +909,7 @@ impl Backend for CudaBackend {
         self.wait_data(dm, SIG_DATA)?;
         let Some(exp_rows) = &h.exp_rows else {
             // Token-major combine is an unweighted sum: its backward is a replay of grad_out.
-            let (grad_y, _) = self.place_payload(dm, h, handle.out_rows, cd)?;
+            let (grad_y, _) = self.place_payload(dm, h, handle.out_rows, cd, false)?;
             self.finish_exact()?;
             return Ok(CombineBackwardOutput {
                 grad_y,
