@@ -16,6 +16,32 @@ pub fn cuda_devices() -> Result<Vec<CudaDeviceInfo>, String> {
     crate::ffi::cuda_driver::devices()
 }
 
+/// How one GPU reaches another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerLink {
+    /// It can load and store the other's memory directly.
+    pub access: bool,
+    /// The driver's performance rank of the link (lower is better).
+    pub perf_rank: i32,
+}
+
+/// The link between each pair of CUDA devices (`links[i][j]`, `None` on the diagonal).
+pub fn cuda_peer_links() -> Result<Vec<Vec<Option<PeerLink>>>, String> {
+    let devs = cuda_devices()?;
+    devs.iter()
+        .map(|a| {
+            devs.iter()
+                .map(|b| {
+                    (a.ordinal != b.ordinal)
+                        .then(|| crate::ffi::cuda_driver::peer_link(a.ordinal, b.ordinal))
+                        .transpose()
+                        .map(|l| l.map(|(access, perf_rank)| PeerLink { access, perf_rank }))
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// Every backend, best first.
 pub fn backends() -> Vec<BackendStatus> {
     let cuda = match cuda_devices() {

@@ -19,6 +19,26 @@ pub(crate) fn driver_present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
+/// How device `src` reaches device `dst`: whether it can access its memory directly (peer access
+/// over NVLink or PCIe) and the driver's performance rank of that link (lower is better).
+pub(crate) fn peer_link(src: u32, dst: u32) -> Result<(bool, i32), String> {
+    let dev =
+        |o: u32| result::device::get(o as i32).map_err(|e| format!("cuDeviceGet({o}): {e:?}"));
+    let (s, d) = (dev(src)?, dev(dst)?);
+    let (mut access, mut rank) = (0i32, 0i32);
+    use sys::CUdevice_P2PAttribute::*;
+    // SAFETY: both handles come from cuDeviceGet; the outputs are i32s that live through the calls.
+    unsafe {
+        sys::cuDeviceGetP2PAttribute(&mut access, CU_DEVICE_P2P_ATTRIBUTE_ACCESS_SUPPORTED, s, d)
+            .result()
+            .map_err(|e| format!("cuDeviceGetP2PAttribute: {e:?}"))?;
+        sys::cuDeviceGetP2PAttribute(&mut rank, CU_DEVICE_P2P_ATTRIBUTE_PERFORMANCE_RANK, s, d)
+            .result()
+            .map_err(|e| format!("cuDeviceGetP2PAttribute: {e:?}"))?;
+    }
+    Ok((access != 0, rank))
+}
+
 /// The devices the driver sees, or why there are none.
 pub(crate) fn devices() -> Result<Vec<CudaDeviceInfo>, String> {
     if !driver_present() {

@@ -171,6 +171,31 @@ pub(crate) fn enable_peer_access(
     }
 }
 
+/// Keeps freed stream-ordered memory in the device's default pool instead of returning it to the
+/// driver at every synchronization, so each call's outputs reuse mapped memory rather than map
+/// hundreds of MB anew.
+pub(crate) fn keep_pool_memory(ctx: &Arc<CudaContext>) -> Result<(), String> {
+    ctx.bind_to_thread()
+        .map_err(|e| describe("binding the context", e))?;
+    let dev = result::device::get(ctx.ordinal() as i32).map_err(|e| describe("cuDeviceGet", e))?;
+    let mut pool = std::mem::MaybeUninit::uninit();
+    let mut threshold = u64::MAX;
+    // SAFETY: `dev` is a valid device; the pool handle is written by the driver before use, and the
+    // attribute takes a pointer to a u64 that lives through the call.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), dev)
+            .result()
+            .map_err(|e| describe("cuDeviceGetDefaultMemPool", e))?;
+        sys::cuMemPoolSetAttribute(
+            pool.assume_init(),
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut std::ffi::c_void,
+        )
+        .result()
+        .map_err(|e| describe("cuMemPoolSetAttribute", e))
+    }
+}
+
 /// Loads an embedded fatbin and its kernels by name.
 pub(crate) fn load_kernels(
     ctx: &Arc<CudaContext>,

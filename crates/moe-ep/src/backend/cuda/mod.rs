@@ -62,6 +62,7 @@ impl CudaRank {
         let stream = ctx
             .new_stream()
             .map_err(|e| unavailable(mem::describe("creating a stream", e)))?;
+        mem::keep_pool_memory(&ctx).map_err(unavailable)?;
         Ok(CudaRank { ctx, stream })
     }
 }
