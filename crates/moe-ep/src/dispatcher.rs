@@ -48,8 +48,8 @@ impl Dispatcher {
                 config.clone(),
                 placement.clone(),
             )?),
-            GroupKind::Cuda { exchange, device } => Box::new(backend::cuda::CudaBackend::new(
-                exchange.clone(),
+            GroupKind::Cuda { control, device } => Box::new(backend::cuda::CudaBackend::new(
+                control.clone(),
                 group.rank(),
                 group.take_channel(),
                 device.clone(),

@@ -1,10 +1,12 @@
 //! A group of ranks that dispatch among themselves.
 
 use crate::backend::cpu::Exchange;
-use crate::backend::cuda::{CudaExchange, CudaRank};
+use crate::backend::cuda::{ControlPlane, CudaExchange, CudaRank};
+use crate::backend::tcp_rendezvous::TcpRendezvous;
 use crate::error::{EpError, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// One rank's membership in a group. Create one per rank; each rank then builds its dispatchers
 /// from it, in the same order on every rank (the n-th dispatcher of every rank forms one
@@ -19,10 +21,10 @@ pub struct Group {
 pub(crate) enum GroupKind {
     /// Ranks are threads of this process; they meet in a shared exchange.
     Cpu(Arc<Exchange>),
-    /// Ranks are threads of this process, each driving a GPU; they exchange buffer addresses
-    /// through the control plane and then meet in device memory.
+    /// Ranks each drive a GPU, from threads of this process or from processes of this node;
+    /// they set up through the control plane and then meet in device memory.
     Cuda {
-        exchange: Arc<CudaExchange>,
+        control: ControlPlane,
         device: Arc<CudaRank>,
     },
 }
@@ -86,12 +88,84 @@ impl Group {
                     world,
                     next_channel: AtomicU64::new(0),
                     kind: GroupKind::Cuda {
-                        exchange: exchange.clone(),
+                        control: ControlPlane::Local(exchange.clone()),
                         device: Arc::new(CudaRank::new(ordinal)?),
                     },
                 })
             })
             .collect()
+    }
+
+    /// This process's rank of a group of processes on one node, launched torchrun-style: RANK,
+    /// WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT. The rank drives GPU
+    /// `LOCAL_RANK % (GPUs on the node)`; ranks meet over TCP at MASTER_ADDR:MASTER_PORT (rank 0
+    /// listens) within MOE_EP_RENDEZVOUS_TIMEOUT_S seconds (default 60) and then share memory
+    /// through CUDA IPC.
+    pub fn from_env() -> Result<Group> {
+        fn var(name: &'static str) -> Result<String> {
+            std::env::var(name).map_err(|_| EpError::Group {
+                arg: name,
+                expected: "set (a torchrun-style launch sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT)".into(),
+                actual: "unset".into(),
+            })
+        }
+        fn number<T: std::str::FromStr>(name: &'static str) -> Result<T> {
+            let v = var(name)?;
+            v.parse().map_err(|_| EpError::Group {
+                arg: name,
+                expected: "a non-negative integer".into(),
+                actual: v,
+            })
+        }
+        let rank: usize = number("RANK")?;
+        let world: usize = number("WORLD_SIZE")?;
+        let local_rank: usize = number("LOCAL_RANK")?;
+        let local_world: usize = number("LOCAL_WORLD_SIZE")?;
+        let port: u16 = number("MASTER_PORT")?;
+        let addr = var("MASTER_ADDR")?;
+        if local_world != world {
+            return Err(EpError::Group {
+                arg: "LOCAL_WORLD_SIZE",
+                expected: format!(
+                    "WORLD_SIZE = {world}: one node (across nodes moe-ep will use NCCL)"
+                ),
+                actual: local_world.to_string(),
+            });
+        }
+        if rank >= world || local_rank != rank {
+            return Err(EpError::Group {
+                arg: "RANK",
+                expected: format!("LOCAL_RANK = {local_rank}, below WORLD_SIZE = {world}"),
+                actual: rank.to_string(),
+            });
+        }
+        let devices =
+            crate::probe::cuda_devices().map_err(|reason| EpError::BackendUnavailable {
+                backend: "cuda",
+                reason,
+            })?;
+        if devices.is_empty() {
+            return Err(EpError::BackendUnavailable {
+                backend: "cuda",
+                reason: "no CUDA device on this node".into(),
+            });
+        }
+        let timeout = std::env::var("MOE_EP_RENDEZVOUS_TIMEOUT_S")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(Duration::from_secs(60), Duration::from_secs);
+        let ordinal = devices[local_rank % devices.len()].ordinal;
+        let device = Arc::new(CudaRank::new(ordinal)?);
+        let tcp = TcpRendezvous::connect(rank, world, &addr, port, timeout)?;
+        Ok(Group {
+            rank,
+            world,
+            next_channel: AtomicU64::new(0),
+            kind: GroupKind::Cuda {
+                control: ControlPlane::Tcp(Arc::new(tcp)),
+                device,
+            },
+        })
     }
 
     pub fn rank(&self) -> usize {

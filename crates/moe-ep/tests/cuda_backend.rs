@@ -3,7 +3,7 @@
 //! Without a usable GPU each test says why it is skipped.
 
 use half::bf16;
-use moe_ep::{Dispatcher, EpConfig, EpError, Layout, OutputSizing, TensorRef};
+use moe_ep::{Dispatcher, EpConfig, EpError, Group, Layout, OutputSizing, TensorRef};
 use moe_ep_conformance::suite::{print_skip, run_ranks, BackendUnderTest, CpuBackend};
 use moe_ep_conformance::CudaLocal;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -48,48 +48,74 @@ fn random_inputs(seed: u64, world: usize, t: usize, h: usize, e: usize, k: usize
 }
 
 /// Every output of dispatch, combine and both backwards on one rank, as host bytes.
-fn run_all(
-    backend: &dyn BackendUnderTest,
-    config: &EpConfig,
-    data: &[RankData],
-) -> Vec<Vec<Vec<u8>>> {
+fn run_rank(group: &Group, config: &EpConfig, data: &[RankData]) -> Result<Vec<Vec<u8>>, String> {
     let (t, h, k) = (
         data[0].x.len() / config.hidden(),
         config.hidden(),
         config.topk(),
     );
-    run_ranks(backend, data.len(), |group| {
-        let d = &data[group.rank()];
-        let err = |e: EpError| e.to_string();
-        let mut ep = Dispatcher::new(&group, config.clone()).map_err(err)?;
-        let put = |v: TensorRef<'_>| ep.to_device(v).map_err(err);
-        let x = put(TensorRef::new(&d.x, &[t, h]).map_err(err)?)?;
-        let topk = put(TensorRef::new(&d.topk, &[t, k]).map_err(err)?)?;
-        let w = put(TensorRef::new(&d.weights, &[t, k]).map_err(err)?)?;
-        let (out, handle) = ep
-            .dispatch(x.view(), topk.view(), Some(w.view()), None)
-            .map_err(err)?;
-        let combined = ep.combine(&handle, out.x.view(), None).map_err(err)?;
-        let grad = ep
-            .dispatch_backward(&handle, out.x.view(), None)
-            .map_err(err)?;
-        let cb = ep
-            .combine_backward(&handle, combined.x.view(), None)
-            .map_err(err)?;
-        ep.synchronize().map_err(err)?;
-        let rows = out.valid_rows().map_err(err)?;
-        let bytes = |t: &moe_ep::Tensor| t.to_host().map(|t| t.host_bytes().to_vec()).map_err(err);
-        let row_bytes = h * 2;
-        Ok(vec![
-            bytes(&out.x)?[..rows * row_bytes].to_vec(),
-            bytes(&out.src)?,
-            bytes(&combined.x)?,
-            bytes(&grad.grad_x)?,
-            bytes(&cb.grad_y)?[..rows * row_bytes].to_vec(),
-        ])
-    })
-    .expect("every rank succeeds")
+    let d = &data[group.rank()];
+    let err = |e: EpError| e.to_string();
+    let mut ep = Dispatcher::new(group, config.clone()).map_err(err)?;
+    let put = |v: TensorRef<'_>| ep.to_device(v).map_err(err);
+    let x = put(TensorRef::new(&d.x, &[t, h]).map_err(err)?)?;
+    let topk = put(TensorRef::new(&d.topk, &[t, k]).map_err(err)?)?;
+    let w = put(TensorRef::new(&d.weights, &[t, k]).map_err(err)?)?;
+    let (out, handle) = ep
+        .dispatch(x.view(), topk.view(), Some(w.view()), None)
+        .map_err(err)?;
+    let combined = ep.combine(&handle, out.x.view(), None).map_err(err)?;
+    let grad = ep
+        .dispatch_backward(&handle, out.x.view(), None)
+        .map_err(err)?;
+    let cb = ep
+        .combine_backward(&handle, combined.x.view(), None)
+        .map_err(err)?;
+    ep.synchronize().map_err(err)?;
+    let rows = out.valid_rows().map_err(err)?;
+    let bytes = |t: &moe_ep::Tensor| t.to_host().map(|t| t.host_bytes().to_vec()).map_err(err);
+    let row_bytes = h * 2;
+    Ok(vec![
+        bytes(&out.x)?[..rows * row_bytes].to_vec(),
+        bytes(&out.src)?,
+        bytes(&combined.x)?,
+        bytes(&grad.grad_x)?,
+        bytes(&cb.grad_y)?[..rows * row_bytes].to_vec(),
+    ])
 }
+
+/// [`run_rank`] on every rank of a group of threads.
+fn run_all(
+    backend: &dyn BackendUnderTest,
+    config: &EpConfig,
+    data: &[RankData],
+) -> Vec<Vec<Vec<u8>>> {
+    run_ranks(backend, data.len(), |group| run_rank(&group, config, data))
+        .expect("every rank succeeds")
+}
+
+const NAMES: [&str; 5] = [
+    "dispatch x",
+    "dispatch src",
+    "combine",
+    "dispatch_backward",
+    "combine_backward",
+];
+
+fn config_for(layout: Layout, e: usize, k: usize, h: usize, t: usize) -> EpConfig {
+    EpConfig::builder()
+        .num_experts(e)
+        .topk(k)
+        .hidden(h)
+        .max_tokens_per_rank(t)
+        .layout(layout)
+        .output_sizing(OutputSizing::Exact)
+        .build()
+        .expect("valid config")
+}
+
+const LAYOUTS: [Layout; 2] = [Layout::TokenMajor, Layout::ExpertMajor { align: 16 }];
+const SHAPE: (usize, usize, usize, usize) = (96, 512, 32, 8); // T, H, E, K
 
 #[test]
 fn cuda_matches_cpu_bit_for_bit_on_fresh_random_inputs() {
@@ -100,35 +126,94 @@ fn cuda_matches_cpu_bit_for_bit_on_fresh_random_inputs() {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock after 1970")
         .as_nanos() as u64;
-    let (world, t, h, e, k) = (4, 96, 512, 32, 8);
-    let data = random_inputs(seed, world, t, h, e, k);
-    for layout in [Layout::TokenMajor, Layout::ExpertMajor { align: 16 }] {
-        let config = EpConfig::builder()
-            .num_experts(e)
-            .topk(k)
-            .hidden(h)
-            .max_tokens_per_rank(t)
-            .layout(layout)
-            .output_sizing(OutputSizing::Exact)
-            .build()
-            .expect("valid config");
+    let (t, h, e, k) = SHAPE;
+    let data = random_inputs(seed, 4, t, h, e, k);
+    for layout in LAYOUTS {
+        let config = config_for(layout, e, k, h, t);
         let on_cpu = run_all(&CpuBackend, &config, &data);
         let on_gpu = run_all(&cuda, &config, &data);
-        let names = [
-            "dispatch x",
-            "dispatch src",
-            "combine",
-            "dispatch_backward",
-            "combine_backward",
-        ];
         for (rank, (c, g)) in on_cpu.iter().zip(&on_gpu).enumerate() {
-            for (name, (a, b)) in names.iter().zip(c.iter().zip(g)) {
+            for (name, (a, b)) in NAMES.iter().zip(c.iter().zip(g)) {
                 assert!(
                     a == b,
                     "seed {seed}, {}, rank {rank}: {name} differs between cpu and cuda",
                     layout.name()
                 );
             }
+        }
+    }
+}
+
+/// One process per rank (the usual deployment): this test starts `world` copies of its own test
+/// binary as a torchrun-style launch would, each running `process_rank`.
+#[test]
+fn one_process_per_rank_matches_cpu_bit_for_bit() {
+    if cuda_or_skip("one_process_per_rank_matches_cpu_bit_for_bit").is_none() {
+        return;
+    }
+    let world = 4;
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos() as u64;
+    let exe = std::env::current_exe().expect("the test binary");
+    let outputs: Vec<_> = (0..world)
+        .map(|r| {
+            std::process::Command::new(&exe)
+                .args(["--ignored", "--exact", "process_rank", "--nocapture"])
+                .env("RANK", r.to_string())
+                .env("LOCAL_RANK", r.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("LOCAL_WORLD_SIZE", world.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .env("MOE_EP_TEST_SEED", seed.to_string())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("starting a rank process")
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|c| c.wait_with_output().expect("a rank process finishes"))
+        .collect();
+    for (r, out) in outputs.iter().enumerate() {
+        assert!(
+            out.status.success(),
+            "seed {seed}: rank process {r} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// One rank of `one_process_per_rank_matches_cpu_bit_for_bit`, in a process of its own: its CUDA
+/// results must equal, bit for bit, what the CPU backend computes for that rank.
+#[test]
+#[ignore = "a rank process of one_process_per_rank_matches_cpu_bit_for_bit, which starts it"]
+fn process_rank() {
+    let seed: u64 = std::env::var("MOE_EP_TEST_SEED")
+        .expect("started by the parent test")
+        .parse()
+        .expect("a seed");
+    let group = Group::from_env().expect("a torchrun-style environment");
+    let (rank, world) = (group.rank(), group.world());
+    let (t, h, e, k) = SHAPE;
+    let data = random_inputs(seed, world, t, h, e, k);
+    for layout in LAYOUTS {
+        let config = config_for(layout, e, k, h, t);
+        let on_gpu = run_rank(&group, &config, &data).expect("the CUDA rank succeeds");
+        let on_cpu = run_all(&CpuBackend, &config, &data).swap_remove(rank);
+        for (name, (a, b)) in NAMES.iter().zip(on_cpu.iter().zip(&on_gpu)) {
+            assert!(
+                a == b,
+                "seed {seed}, {}, rank {rank}: {name} differs between cpu and cuda",
+                layout.name()
+            );
         }
     }
 }

@@ -3,6 +3,7 @@
 pub(crate) mod cpu;
 pub(crate) mod cuda;
 pub(crate) mod rendezvous;
+pub(crate) mod tcp_rendezvous;
 
 use crate::error::Result;
 use crate::handle::HandleInner;

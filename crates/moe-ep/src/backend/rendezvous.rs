@@ -20,6 +20,7 @@ pub(crate) enum Op {
     DispatchBackward,
     CombineBackward,
     CombineBackwardWeights,
+    Drop,
 }
 
 impl Op {
@@ -32,6 +33,7 @@ impl Op {
             Op::DispatchBackward => "dispatch_backward",
             Op::CombineBackward => "combine_backward",
             Op::CombineBackwardWeights => "combine_backward (weights)",
+            Op::Drop => "dropping the dispatcher",
         }
     }
 }

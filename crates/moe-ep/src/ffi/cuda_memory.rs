@@ -38,6 +38,78 @@ impl SharedBuffer {
     }
 }
 
+/// Bytes of a CUDA IPC memory handle.
+pub(crate) const IPC_HANDLE_BYTES: usize = 64;
+
+impl SharedBuffer {
+    /// A handle another process can open to map this memory (legacy CUDA IPC: the memory came from
+    /// cuMemAlloc, which it requires).
+    pub(crate) fn ipc_handle(&self) -> Result<[u8; IPC_HANDLE_BYTES], String> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| describe("binding the context", e))?;
+        let mut handle = std::mem::MaybeUninit::<sys::CUipcMemHandle>::uninit();
+        // SAFETY: `ptr` is a live cuMemAlloc allocation of the current context; the driver fills
+        // the whole handle before it is read.
+        let handle = unsafe {
+            sys::cuIpcGetMemHandle(handle.as_mut_ptr(), self.ptr)
+                .result()
+                .map_err(|e| describe("cuIpcGetMemHandle", e))?;
+            handle.assume_init()
+        };
+        Ok(handle.reserved.map(|c| c as u8))
+    }
+}
+
+/// Another process's shared buffer mapped into this one (CUDA IPC); unmapped when dropped.
+pub(crate) struct PeerMapping {
+    ptr: sys::CUdeviceptr,
+    ctx: Arc<CudaContext>,
+}
+
+impl PeerMapping {
+    pub(crate) fn open(
+        ctx: &Arc<CudaContext>,
+        handle: &[u8; IPC_HANDLE_BYTES],
+    ) -> Result<Self, String> {
+        ctx.bind_to_thread()
+            .map_err(|e| describe("binding the context", e))?;
+        let handle = sys::CUipcMemHandle {
+            reserved: handle.map(|b| b as std::ffi::c_char),
+        };
+        let mut ptr = 0;
+        // SAFETY: the handle was made by cuIpcGetMemHandle in a live peer process of this node;
+        // the mapping is owned by the returned value and closed once, in Drop.
+        unsafe {
+            sys::cuIpcOpenMemHandle_v2(
+                &mut ptr,
+                handle,
+                sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
+            )
+            .result()
+            .map_err(|e| describe("cuIpcOpenMemHandle", e))?;
+        }
+        Ok(PeerMapping {
+            ptr,
+            ctx: ctx.clone(),
+        })
+    }
+
+    pub(crate) fn ptr(&self) -> u64 {
+        self.ptr
+    }
+}
+
+impl Drop for PeerMapping {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: `ptr` came from cuIpcOpenMemHandle and is closed only here, after this rank's
+            // last use of it (the dispatcher synchronized its stream first).
+            let _ = unsafe { sys::cuIpcCloseMemHandle(self.ptr) };
+        }
+    }
+}
+
 impl Drop for SharedBuffer {
     fn drop(&mut self) {
         // A failure here means the context is already gone; nothing is left to free.

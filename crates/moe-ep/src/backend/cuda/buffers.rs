@@ -2,7 +2,7 @@
 
 use crate::config::EpConfig;
 use crate::ffi::cuda_kernels::{meta_ints, MAX_WORLD, NUM_SIGNALS};
-use crate::ffi::cuda_memory::SharedBuffer;
+use crate::ffi::cuda_memory::{SharedBuffer, IPC_HANDLE_BYTES};
 use cudarc::driver::CudaContext;
 use std::sync::Arc;
 
@@ -41,16 +41,25 @@ impl SharedBuffers {
         })
     }
 
+    fn in_order(&self) -> [&SharedBuffer; 7] {
+        [
+            &self.signals,
+            &self.inbox,
+            &self.stage_x,
+            &self.stage_scales,
+            &self.stage_meta,
+            &self.back,
+            &self.back_side,
+        ]
+    }
+
     /// Addresses in the order of `EpPeers`' fields.
     pub(crate) fn addresses(&self) -> [u64; 7] {
-        [
-            self.signals.ptr(),
-            self.inbox.ptr(),
-            self.stage_x.ptr(),
-            self.stage_scales.ptr(),
-            self.stage_meta.ptr(),
-            self.back.ptr(),
-            self.back_side.ptr(),
-        ]
+        self.in_order().map(SharedBuffer::ptr)
+    }
+
+    /// CUDA IPC handles in the order of `EpPeers`' fields, for ranks in other processes.
+    pub(crate) fn ipc_handles(&self) -> Result<Vec<[u8; IPC_HANDLE_BYTES]>, String> {
+        self.in_order().iter().map(|b| b.ipc_handle()).collect()
     }
 }

@@ -11,6 +11,7 @@ mod buffers;
 
 use super::{Backend, BackendHandle, DispatchArgs, Dispatched};
 use crate::backend::rendezvous::{Op, Rendezvous};
+use crate::backend::tcp_rendezvous::TcpRendezvous;
 use crate::config::{EpConfig, Layout, OutputSizing};
 use crate::dtype::DType;
 use crate::error::{EpError, Result};
@@ -18,7 +19,7 @@ use crate::ffi::cuda_kernels::{
     self as k, ptr_or_null, Elem, EpDims, EpPeers, Grid, Kernels, SIDE_EXPANDED, SIDE_NONE,
     SIDE_ROW_K, SIDE_ROW_K_OWNED, SIG_DATA, SIG_DATA2, SIG_ENTER,
 };
-use crate::ffi::cuda_memory::{self as mem, StreamBuffer};
+use crate::ffi::cuda_memory::{self as mem, PeerMapping, StreamBuffer, IPC_HANDLE_BYTES};
 use crate::handle::HandleInner;
 use crate::output::{
     CachedDispatchOutput, CombineBackwardOutput, CombineOutput, DispatchBackwardOutput,
@@ -43,6 +44,146 @@ pub(crate) enum CudaMessage {
 
 /// The control plane of a group of CUDA ranks in one process.
 pub(crate) type CudaExchange = Rendezvous<CudaMessage>;
+
+/// How the ranks of a CUDA group meet to set up (never on the data path).
+#[derive(Clone)]
+pub(crate) enum ControlPlane {
+    /// Ranks are threads of this process: they hand each other their buffers.
+    Local(Arc<CudaExchange>),
+    /// Ranks are processes of this node: they exchange CUDA IPC handles over TCP.
+    Tcp(Arc<TcpRendezvous>),
+}
+
+/// A config as comparable text, field by field.
+fn config_text(fields: &[(&'static str, String)]) -> Vec<(String, String)> {
+    fields
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
+}
+
+fn check_configs(
+    rank: usize,
+    mine: &[(String, String)],
+    all: &[Vec<(String, String)>],
+) -> Result<()> {
+    for (peer, theirs) in all.iter().enumerate() {
+        if let Some((a, b)) = mine.iter().zip(theirs).find(|(a, b)| a != b) {
+            return Err(EpError::ConfigMismatch {
+                rank,
+                peer,
+                expected: format!("{} = {}", a.0, a.1),
+                actual: format!("{} = {}", b.0, b.1),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The buffers of every rank as this one maps them, and what keeps them alive.
+struct GroupBuffers {
+    peers: EpPeers,
+    /// Local groups: every rank's buffers, freed when the last rank lets go.
+    local: Vec<Arc<SharedBuffers>>,
+    /// Process groups: the other processes' buffers mapped here.
+    mapped: Vec<PeerMapping>,
+}
+
+fn set_peer(peers: &mut EpPeers, r: usize, a: [u64; 7]) {
+    peers.signals[r] = a[0];
+    peers.inbox[r] = a[1];
+    peers.stage_x[r] = a[2];
+    peers.stage_scales[r] = a[3];
+    peers.stage_meta[r] = a[4];
+    peers.back[r] = a[5];
+    peers.back_side[r] = a[6];
+}
+
+/// Learns every rank's buffers through the control plane, after checking every rank built the
+/// same config.
+fn join_group(
+    control: &ControlPlane,
+    rank: usize,
+    channel: u64,
+    device: &CudaRank,
+    shared: &Arc<SharedBuffers>,
+    config: &EpConfig,
+) -> Result<GroupBuffers> {
+    let fields = crate::backend::cpu::config_fields(config);
+    let mine = config_text(&fields);
+    let timeout = config.timeout;
+    let mut out = GroupBuffers {
+        peers: EpPeers::default(),
+        local: Vec::new(),
+        mapped: Vec::new(),
+    };
+    match control {
+        ControlPlane::Local(exchange) => {
+            let posts = exchange.all_gather(
+                rank,
+                (channel, 0),
+                Op::Create,
+                CudaMessage::Config(fields),
+                timeout,
+            )?;
+            let all: Vec<_> = posts
+                .iter()
+                .map(|p| match p.as_ref() {
+                    CudaMessage::Config(f) => config_text(f),
+                    CudaMessage::Buffers { .. } => unreachable!("the first round carries configs"),
+                })
+                .collect();
+            check_configs(rank, &mine, &all)?;
+            let message = CudaMessage::Buffers {
+                ordinal: device.ctx.ordinal() as u32,
+                buffers: shared.clone(),
+            };
+            let posts = exchange.all_gather(rank, (channel, 1), Op::Create, message, timeout)?;
+            for (r, post) in posts.iter().enumerate() {
+                let CudaMessage::Buffers { ordinal, buffers } = post.as_ref() else {
+                    unreachable!("the second round carries buffers")
+                };
+                let peer_ctx = CudaContext::new(*ordinal as usize)
+                    .map_err(|e| device_error(mem::describe("peer context", e)))?;
+                mem::enable_peer_access(&device.ctx, &peer_ctx).map_err(device_error)?;
+                set_peer(&mut out.peers, r, buffers.addresses());
+                out.local.push(buffers.clone());
+            }
+        }
+        ControlPlane::Tcp(tcp) => {
+            let text: String = mine.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+            let posts = tcp.all_gather((channel, 0), Op::Create, text.into_bytes(), timeout)?;
+            let all: Vec<Vec<(String, String)>> = posts
+                .iter()
+                .map(|p| {
+                    String::from_utf8_lossy(p)
+                        .lines()
+                        .filter_map(|l| l.split_once('='))
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect()
+                })
+                .collect();
+            check_configs(rank, &mine, &all)?;
+            let handles = shared.ipc_handles().map_err(device_error)?;
+            let posts = tcp.all_gather((channel, 1), Op::Create, handles.concat(), timeout)?;
+            for (r, post) in posts.iter().enumerate() {
+                if r == rank {
+                    set_peer(&mut out.peers, r, shared.addresses());
+                    continue;
+                }
+                let mut addrs = [0u64; 7];
+                for (i, h) in post.chunks_exact(IPC_HANDLE_BYTES).enumerate() {
+                    let handle: &[u8; IPC_HANDLE_BYTES] = h.try_into().expect("whole handles");
+                    let m = PeerMapping::open(&device.ctx, handle).map_err(device_error)?;
+                    addrs[i] = m.ptr();
+                    out.mapped.push(m);
+                }
+                set_peer(&mut out.peers, r, addrs);
+            }
+        }
+    }
+    Ok(out)
+}
 
 /// A rank's device: its context and the stream its calls run on.
 pub(crate) struct CudaRank {
@@ -120,9 +261,11 @@ pub(crate) struct CudaBackend {
     placement: Arc<Placement>,
     device: Arc<CudaRank>,
     kernels: Kernels,
+    control: ControlPlane,
+    channel: u64,
     shared: Arc<SharedBuffers>,
-    /// Every rank's shared buffers (this one's included), kept alive as long as this rank is.
-    _group_buffers: Vec<Arc<SharedBuffers>>,
+    /// Every rank's buffers as this rank maps them, alive as long as this rank is.
+    group: GroupBuffers,
     peers: EpPeers,
     expert_rank: StreamBuffer,
     local_index: StreamBuffer,
@@ -144,7 +287,7 @@ fn i32_buffer(
 
 impl CudaBackend {
     pub(crate) fn new(
-        exchange: Arc<CudaExchange>,
+        control: ControlPlane,
         rank: usize,
         channel: u64,
         device: Arc<CudaRank>,
@@ -177,53 +320,8 @@ impl CudaBackend {
             .collect();
         let shared =
             Arc::new(SharedBuffers::new(&device.ctx, &config, world).map_err(device_error)?);
-        let backend_key = |seq| (channel, seq);
-        // Every rank checks the others built the same config, then learns their buffer addresses.
-        let fields = crate::backend::cpu::config_fields(&config);
-        let posts = exchange.all_gather(
-            rank,
-            backend_key(0),
-            Op::Create,
-            CudaMessage::Config(fields.clone()),
-            config.timeout,
-        )?;
-        for (peer, post) in posts.iter().enumerate() {
-            let CudaMessage::Config(theirs) = post.as_ref() else {
-                unreachable!("the first round carries configs")
-            };
-            if let Some((a, b)) = fields.iter().zip(theirs).find(|(a, b)| a != b) {
-                return Err(EpError::ConfigMismatch {
-                    rank,
-                    peer,
-                    expected: format!("{} = {}", a.0, a.1),
-                    actual: format!("{} = {}", b.0, b.1),
-                });
-            }
-        }
-        let mine = CudaMessage::Buffers {
-            ordinal: device.ctx.ordinal() as u32,
-            buffers: shared.clone(),
-        };
-        let posts = exchange.all_gather(rank, backend_key(1), Op::Create, mine, config.timeout)?;
-        let mut peers = EpPeers::default();
-        let mut group_buffers = Vec::with_capacity(world);
-        for (r, post) in posts.iter().enumerate() {
-            let CudaMessage::Buffers { ordinal, buffers } = post.as_ref() else {
-                unreachable!("the second round carries buffers")
-            };
-            group_buffers.push(buffers.clone());
-            let buffers = buffers.addresses();
-            let peer_ctx = CudaContext::new(*ordinal as usize)
-                .map_err(|e| device_error(mem::describe("peer context", e)))?;
-            mem::enable_peer_access(&device.ctx, &peer_ctx).map_err(device_error)?;
-            peers.signals[r] = buffers[0];
-            peers.inbox[r] = buffers[1];
-            peers.stage_x[r] = buffers[2];
-            peers.stage_scales[r] = buffers[3];
-            peers.stage_meta[r] = buffers[4];
-            peers.back[r] = buffers[5];
-            peers.back_side[r] = buffers[6];
-        }
+        let group = join_group(&control, rank, channel, &device, &shared, &config)?;
+        let peers = group.peers;
         let e = config.num_experts;
         let expert_rank = i32_buffer(s, (0..e).map(|x| placement.rank_of(x)))?;
         let local_index = i32_buffer(s, (0..e).map(|x| placement.local_index(x)))?;
@@ -247,8 +345,10 @@ impl CudaBackend {
             placement,
             device,
             kernels,
+            control,
+            channel,
             shared,
-            _group_buffers: group_buffers,
+            group,
             peers,
             expert_rank,
             local_index,
@@ -569,6 +669,28 @@ impl Drop for CudaBackend {
         // Work still queued on this rank's stream reads and writes the group's buffers; let it
         // finish (every wait in it is bounded by the timeout) before they may be freed.
         let _ = self.device.stream.synchronize();
+        let ControlPlane::Tcp(tcp) = &self.control else {
+            return; // local groups free buffers when the last rank lets go of them
+        };
+        // Another process may still store into this rank's buffers until it finished its last
+        // call: meet once more before freeing. A poisoned group (a peer gone) may never meet, so
+        // its memory is left mapped rather than freed under a peer's stores.
+        let mut rec = [0u8; 16];
+        let poisoned = self.err.read(&mut rec).is_err()
+            || bytemuck::cast::<_, [i32; 4]>(rec)[0] == k::ERR_TIMEOUT;
+        let met = !poisoned
+            && tcp
+                .all_gather(
+                    (self.channel, u64::MAX),
+                    Op::Drop,
+                    Vec::new(),
+                    self.config.timeout,
+                )
+                .is_ok();
+        if !met {
+            std::mem::forget(self.shared.clone());
+            std::mem::forget(std::mem::take(&mut self.group.mapped));
+        }
     }
 }
 
