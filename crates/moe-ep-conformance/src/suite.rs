@@ -78,6 +78,21 @@ impl CudaLocal {
     }
 }
 
+impl CudaLocal {
+    /// Ranks placed round-robin on exactly these GPUs.
+    pub fn from_devices(devices: Vec<u32>) -> CudaLocal {
+        CudaLocal { devices }
+    }
+
+    /// How many different GPUs the ranks are placed on.
+    pub fn distinct_devices(&self) -> usize {
+        let mut d = self.devices.clone();
+        d.sort_unstable();
+        d.dedup();
+        d.len()
+    }
+}
+
 impl BackendUnderTest for CudaLocal {
     fn name(&self) -> String {
         format!("cuda (devices {:?})", self.devices)

@@ -36,6 +36,12 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
     return t;
 }
 
+// This call's number. The first kernel of every call advances the rank's counter on the device
+// (ep_route, or ep_signal_wait with begin_call), so a replayed CUDA graph numbers its calls anew.
+__device__ __forceinline__ uint64_t call_epoch(const EpDims& dm) {
+    return *reinterpret_cast<const volatile uint64_t*>(dm.epoch_ptr);
+}
+
 __device__ __forceinline__ uint64_t* signal_slot(uint64_t base, int sig, int src) {
     return reinterpret_cast<uint64_t*>(base) + sig * EP_MAX_WORLD + src;
 }
@@ -62,7 +68,8 @@ __device__ bool wait_all(const EpDims& dm, uint64_t my_signals, int sig, int* er
     if (threadIdx.x < dm.world) {
         const uint64_t* flag = signal_slot(my_signals, sig, threadIdx.x);
         const uint64_t deadline = global_timer_ns() + dm.timeout_ns;
-        while (ld_acquire_sys(flag) < dm.epoch) {
+        const uint64_t epoch = call_epoch(dm);
+        while (ld_acquire_sys(flag) < epoch) {
             if (failed(err)) break;  // another wait of this call already gave up
             if (global_timer_ns() > deadline) {
                 report(err, EP_ERR_TIMEOUT, dm.rank, threadIdx.x, sig);
@@ -79,7 +86,7 @@ __device__ bool wait_all(const EpDims& dm, uint64_t my_signals, int sig, int* er
 // Raises flag `sig` of this rank on every peer (one thread per peer).
 __device__ void signal_all(const EpPeers& peers, const EpDims& dm, int sig) {
     if (threadIdx.x < dm.world) {
-        st_release_sys(signal_slot(peers.signals[threadIdx.x], sig, dm.rank), dm.epoch);
+        st_release_sys(signal_slot(peers.signals[threadIdx.x], sig, dm.rank), call_epoch(dm));
     }
 }
 
@@ -181,6 +188,9 @@ template <> __device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16>(float
 extern "C" __global__ void ep_route(EpDims dm, const void* topk, int idx64, int num_tokens,
                                     const int* expert_rank, int* pos, int* counts, int* err) {
     const int K = dm.topk;
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        *reinterpret_cast<uint64_t*>(dm.epoch_ptr) += 1;  // a new call begins (see call_epoch)
+    }
     if (blockIdx.x == dm.world) {
         for (int e = threadIdx.x; e < dm.num_experts; e += blockDim.x) counts[dm.world + e] = 0;
         __syncthreads();
@@ -224,7 +234,7 @@ extern "C" __global__ void ep_notify(EpPeers peers, EpDims dm, const int* counts
                                      int* recv_base, int* my_base_on, int* out_per_src,
                                      int* out_per_expert, int* out_offsets, int* err) {
     const int row = dm.world + dm.num_experts;
-    const int parity = static_cast<int>(dm.epoch & 1);
+    const int parity = static_cast<int>(call_epoch(dm) & 1);
     for (int p = 0; p < dm.world; ++p) {
         int* inbox = reinterpret_cast<int*>(peers.inbox[p]) + (parity * dm.world + dm.rank) * row;
         for (int i = threadIdx.x; i < row; i += blockDim.x) inbox[i] = counts[i];
@@ -331,9 +341,14 @@ extern "C" __global__ void ep_dispatch_send(EpPeers peers, EpDims dm, const uint
     last_block_signals(peers, dm, done, EP_SIG_DATA);
 }
 
-// One block: raises `sig` on every peer when `raise` is set, then waits for every peer's `sig`.
-// A barrier when both; the wait for data when only waiting.
-extern "C" __global__ void ep_signal_wait(EpPeers peers, EpDims dm, int sig, int raise, int* err) {
+// One block: with `begin_call`, first advances the call number (the first kernel of a call);
+// raises `sig` on every peer when `raise` is set, then waits for every peer's `sig`. A barrier when
+// both; the wait for data when only waiting.
+extern "C" __global__ void ep_signal_wait(EpPeers peers, EpDims dm, int sig, int raise, int begin_call, int* err) {
+    if (begin_call) {
+        if (threadIdx.x == 0) *reinterpret_cast<uint64_t*>(dm.epoch_ptr) += 1;
+        __syncthreads();
+    }
     if (raise) {
         __threadfence_system();
         __syncthreads();

@@ -42,6 +42,6 @@ struct EpDims {
     int max_tokens;
     int x_row_bytes;      // H * sizeof(dispatch dtype)
     int stage_row_bytes;  // H * max(sizeof(dispatch dtype), sizeof(combine dtype))
-    uint64_t epoch;       // this call's number, the same on every rank
+    uint64_t epoch_ptr;   // u64 on this rank's device: the call number, the same on every rank
     uint64_t timeout_ns;
 };

@@ -115,6 +115,24 @@ impl Dispatcher {
         self.run(|b| b.synchronize())
     }
 
+    /// Records the calls `record` makes on this dispatcher into a CUDA graph instead of running
+    /// them, and returns the graph to replay. Every rank records the same calls. The recorded calls
+    /// must not need the host: capacity-sized outputs, no `synchronize`, no reads to the host.
+    /// Outputs made inside are valid only inside: copy what must outlive a replay into tensors
+    /// made beforehand ([`crate::Tensor::copy_from`]), and let the rest drop inside `record`.
+    /// Inputs likewise live in tensors made beforehand; write new data into them between replays.
+    pub fn capture_graph(
+        &mut self,
+        record: impl FnOnce(&mut Dispatcher) -> Result<()>,
+    ) -> Result<crate::graph::Graph> {
+        self.check_usable()?;
+        self.backend.begin_capture()?;
+        let recorded = record(self);
+        let graph = self.backend.end_capture();
+        recorded?;
+        graph
+    }
+
     /// The error that poisoned this dispatcher, if any.
     pub fn poisoned(&self) -> Option<&EpError> {
         self.poisoned.as_ref()

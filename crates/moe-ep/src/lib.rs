@@ -34,6 +34,7 @@ mod dispatcher;
 mod dtype;
 mod error;
 mod ffi;
+mod graph;
 mod group;
 mod handle;
 mod numerics;
@@ -48,6 +49,7 @@ pub use config::{EpConfig, EpConfigBuilder, Layout, OutputSizing, PlacementSpec,
 pub use dispatcher::Dispatcher;
 pub use dtype::{DType, Element};
 pub use error::{EpError, Result};
+pub use graph::Graph;
 pub use group::{BackendKind, Group};
 pub use handle::Handle;
 pub use output::{

@@ -366,6 +366,42 @@ impl Tensor {
         }
     }
 
+    /// Overwrites this tensor with `src` (same shape and dtype): host to host, host to device
+    /// (waits for the copy), or device to device on this tensor's stream (asynchronous, so it can
+    /// be recorded into a graph; `src` must stay alive until the stream has run it).
+    pub fn copy_from(&mut self, src: TensorRef<'_>) -> Result<()> {
+        if src.dims() != self.dims() || src.dtype() != self.dtype {
+            return Err(EpError::Shape {
+                arg: "src",
+                expected: format!("{} {}", self.shape, self.dtype),
+                actual: format!("{} {}", src.shape(), src.dtype()),
+            });
+        }
+        let bytes = self.shape.numel() * self.dtype.size();
+        let device_err = |reason| EpError::BackendUnavailable {
+            backend: "cuda",
+            reason,
+        };
+        match (&mut self.storage, src.device()) {
+            (Storage::Host(b), Device::Host) => {
+                b.bytes_mut().copy_from_slice(src.host_bytes("src")?);
+                Ok(())
+            }
+            (Storage::Cuda(b), Device::Host) => b.write(src.host_bytes("src")?).map_err(device_err),
+            (Storage::Cuda(b), Device::Cuda(o)) if o == b.ordinal() => b
+                .copy_from_device(src.device_ptr().expect("a cuda view"), bytes)
+                .map_err(device_err),
+            (storage, from) => Err(EpError::Device {
+                arg: "src",
+                expected: match storage {
+                    Storage::Host(_) => Device::Host.to_string(),
+                    Storage::Cuda(b) => format!("host or cuda:{}", b.ordinal()),
+                },
+                actual: from.to_string(),
+            }),
+        }
+    }
+
     /// Keeps the first `rows` rows (exact-size outputs cut from a capacity-sized buffer).
     pub(crate) fn truncate_rows(&mut self, rows: usize) -> Result<()> {
         let mut dims = self.shape.dims().to_vec();

@@ -279,3 +279,120 @@ fn a_missing_rank_is_a_timeout_naming_it() {
         "the dispatcher stays poisoned: {again:?}"
     );
 }
+
+/// Dispatch then combine on one rank (capacity-sized outputs), the combined tokens as bytes.
+fn dispatch_combine(group: &Group, config: &EpConfig, d: &RankData) -> Result<Vec<u8>, String> {
+    let (t, h, k) = (d.x.len() / config.hidden(), config.hidden(), config.topk());
+    let err = |e: EpError| e.to_string();
+    let mut ep = Dispatcher::new(group, config.clone()).map_err(err)?;
+    let x = TensorRef::new(&d.x, &[t, h]).map_err(err)?;
+    let topk = TensorRef::new(&d.topk, &[t, k]).map_err(err)?;
+    let w = TensorRef::new(&d.weights, &[t, k]).map_err(err)?;
+    let (out, handle) = ep.dispatch(x, topk, Some(w), None).map_err(err)?;
+    let c = ep.combine(&handle, out.x.view(), None).map_err(err)?;
+    Ok(c.x.host_bytes().to_vec())
+}
+
+/// Dispatch and combine recorded once into a CUDA graph on every rank, then replayed with new data
+/// written into the same input tensors: each replay equals, bit for bit, what the CPU backend
+/// computes for that data. One rank per GPU: replayed graphs of ranks sharing a GPU were seen not
+/// to run side by side, and these ranks wait for each other inside kernels.
+#[test]
+fn dispatch_and_combine_replay_from_a_cuda_graph() {
+    let Some(cuda) = cuda_or_skip("dispatch_and_combine_replay_from_a_cuda_graph") else {
+        return;
+    };
+    let (t, h, e, k) = SHAPE;
+    let world = cuda.distinct_devices().min(4);
+    let cuda = CudaLocal::from_devices((0..world as u32).collect());
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos() as u64;
+    let rounds: Vec<Vec<RankData>> = (0..3)
+        .map(|i| random_inputs(seed + i, world, t, h, e, k))
+        .collect();
+    for layout in LAYOUTS {
+        let config = EpConfig::builder()
+            .num_experts(e)
+            .topk(k)
+            .hidden(h)
+            .max_tokens_per_rank(t)
+            .layout(layout)
+            .build()
+            .expect("valid config");
+        let expected: Vec<Vec<Vec<u8>>> = rounds
+            .iter()
+            .map(|data| {
+                run_ranks(&CpuBackend, world, |g| {
+                    dispatch_combine(&g, &config, &data[g.rank()])
+                })
+                .expect("the cpu reference runs")
+            })
+            .collect();
+        let replays = run_ranks(&cuda, world, |group| {
+            let rank = group.rank();
+            let err = |e: EpError| e.to_string();
+            let mut ep = Dispatcher::new(&group, config.clone()).map_err(err)?;
+            let first = &rounds[0][rank];
+            let mut x = ep
+                .to_device(TensorRef::new(&first.x, &[t, h]).map_err(err)?)
+                .map_err(err)?;
+            let mut topk = ep
+                .to_device(TensorRef::new(&first.topk, &[t, k]).map_err(err)?)
+                .map_err(err)?;
+            let mut w = ep
+                .to_device(TensorRef::new(&first.weights, &[t, k]).map_err(err)?)
+                .map_err(err)?;
+            let zeros = vec![bf16::ZERO; t * h];
+            let mut result = ep
+                .to_device(TensorRef::new(&zeros, &[t, h]).map_err(err)?)
+                .map_err(err)?;
+            let graph = ep
+                .capture_graph(|ep| {
+                    let (out, handle) = ep.dispatch(x.view(), topk.view(), Some(w.view()), None)?;
+                    let combined = ep.combine(&handle, out.x.view(), None)?;
+                    result.copy_from(combined.x.view())
+                })
+                .map_err(err)?;
+            let mut got = Vec::new();
+            for round in &rounds {
+                let d = &round[rank];
+                x.copy_from(TensorRef::new(&d.x, &[t, h]).map_err(err)?)
+                    .map_err(err)?;
+                topk.copy_from(TensorRef::new(&d.topk, &[t, k]).map_err(err)?)
+                    .map_err(err)?;
+                w.copy_from(TensorRef::new(&d.weights, &[t, k]).map_err(err)?)
+                    .map_err(err)?;
+                graph.replay().map_err(err)?;
+                ep.synchronize().map_err(err)?;
+                got.push(result.to_host().map_err(err)?.host_bytes().to_vec());
+            }
+            Ok(got)
+        })
+        .expect("every rank captures and replays");
+        for (rank, per_round) in replays.iter().enumerate() {
+            for (i, got) in per_round.iter().enumerate() {
+                assert!(
+                    *got == expected[i][rank],
+                    "seed {seed}, {}, rank {rank}, replay {i}: combine differs from the cpu backend",
+                    layout.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn graph_capture_needs_the_cuda_backend() {
+    let config = config_for(Layout::TokenMajor, 4, 2, 8, 4);
+    let groups = Group::cpu_world(1).expect("one cpu rank");
+    let mut ep = Dispatcher::new(&groups[0], config).expect("a cpu dispatcher");
+    let err = ep
+        .capture_graph(|_| Ok(()))
+        .expect_err("the cpu backend has no graphs");
+    assert!(
+        matches!(err, EpError::BackendUnavailable { backend: "cpu", .. }),
+        "{err}"
+    );
+}

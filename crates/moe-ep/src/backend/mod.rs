@@ -50,6 +50,12 @@ pub(crate) trait Backend: Send {
     /// A copy of host data where this backend wants its inputs.
     fn to_device(&self, host: TensorRef<'_>) -> Result<Tensor>;
 
+    /// Starts recording this rank's work into a graph instead of running it.
+    fn begin_capture(&mut self) -> Result<()>;
+
+    /// Stops recording and returns the graph, ready to replay.
+    fn end_capture(&mut self) -> Result<crate::graph::Graph>;
+
     fn dispatch(&mut self, args: DispatchArgs<'_>) -> Result<Dispatched>;
 
     fn dispatch_cached(

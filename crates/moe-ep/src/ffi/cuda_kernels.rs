@@ -55,7 +55,8 @@ pub(crate) struct EpDims {
     pub max_tokens: i32,
     pub x_row_bytes: i32,
     pub stage_row_bytes: i32,
-    pub epoch: u64,
+    /// Address of this rank's call counter (a u64 on its device).
+    pub epoch_ptr: u64,
     pub timeout_ns: u64,
 }
 
@@ -331,6 +332,7 @@ impl Kernels {
         launch(s, &self.dispatch_send, grid, args, "ep_dispatch_send")
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn signal_wait(
         &self,
         s: &Arc<CudaStream>,
@@ -338,6 +340,7 @@ impl Kernels {
         dm: EpDims,
         sig: i32,
         raise: bool,
+        begin_call: bool,
         err: u64,
     ) -> Result<(), String> {
         let args = vec![
@@ -345,6 +348,7 @@ impl Kernels {
             Arg::Dims(dm),
             Arg::Int(sig),
             Arg::Int(raise as i32),
+            Arg::Int(begin_call as i32),
             Arg::Ptr(err),
         ];
         launch(

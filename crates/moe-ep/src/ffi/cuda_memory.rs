@@ -182,6 +182,39 @@ impl StreamBuffer {
     pub(crate) fn read(&self, out: &mut [u8]) -> Result<(), String> {
         read_device(&self.stream, self.ptr, out)
     }
+
+    /// Overwrites the first `data.len()` bytes from the host, waiting for the stream.
+    pub(crate) fn write(&self, data: &[u8]) -> Result<(), String> {
+        if data.len() > self.bytes {
+            return Err(format!("writing {} bytes into {}", data.len(), self.bytes));
+        }
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| describe("binding the context", e))?;
+        // SAFETY: the destination holds at least data.len() bytes (checked); the source slice
+        // outlives the copy because the stream is synchronized before returning.
+        unsafe { result::memcpy_htod_async(self.ptr, data, self.stream.cu_stream()) }
+            .map_err(|e| describe("cuMemcpyHtoDAsync", e))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| describe("cuStreamSynchronize", e))
+    }
+
+    /// Copies `bytes` bytes from device address `src` on this buffer's stream (asynchronous, so
+    /// it can be recorded into a graph).
+    pub(crate) fn copy_from_device(&self, src: u64, bytes: usize) -> Result<(), String> {
+        if bytes > self.bytes {
+            return Err(format!("copying {bytes} bytes into {}", self.bytes));
+        }
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: the destination holds at least `bytes` bytes (checked); the caller passes a
+        // source of at least `bytes` bytes that stays alive until the stream has run the copy.
+        unsafe { result::memcpy_dtod_async(self.ptr, src, bytes, self.stream.cu_stream()) }
+            .map_err(|e| describe("cuMemcpyDtoDAsync", e))
+    }
 }
 
 impl Drop for StreamBuffer {

@@ -235,6 +235,18 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn begin_capture(&mut self) -> Result<()> {
+        Err(EpError::BackendUnavailable {
+            backend: "cpu",
+            reason: "graph capture records GPU work; use the cuda backend".into(),
+        })
+    }
+
+    fn end_capture(&mut self) -> Result<crate::graph::Graph> {
+        self.begin_capture()
+            .map(|_| unreachable!("begin_capture always fails on the CPU"))
+    }
+
     fn to_device(&self, host: TensorRef<'_>) -> Result<Tensor> {
         Tensor::from_bytes(host.host_bytes("tensor")?, host.dims(), host.dtype())
     }

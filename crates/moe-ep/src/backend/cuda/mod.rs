@@ -273,7 +273,8 @@ pub(crate) struct CudaBackend {
     capacity: StreamBuffer,
     done: StreamBuffer,
     err: StreamBuffer,
-    epoch: u64,
+    /// u64 on the device: the number of the current call, advanced by each call's first kernel.
+    epoch: StreamBuffer,
     blocks: u32,
 }
 
@@ -329,6 +330,7 @@ impl CudaBackend {
         let capacity = i32_buffer(s, capacity_rows)?;
         let done = StreamBuffer::filled(s, 4, 0).map_err(device_error)?;
         let err = StreamBuffer::filled(s, 16, 0).map_err(device_error)?;
+        let epoch = StreamBuffer::filled(s, 8, 0).map_err(device_error)?;
         let sms = device
             .ctx
             .attribute(
@@ -356,7 +358,7 @@ impl CudaBackend {
             capacity,
             done,
             err,
-            epoch: 0,
+            epoch,
             blocks,
         })
     }
@@ -369,9 +371,8 @@ impl CudaBackend {
         self.device.ctx.ordinal() as u32
     }
 
-    /// Starts a call: its number, and the dims every kernel of it takes.
-    fn begin(&mut self, x_row_bytes: usize) -> EpDims {
-        self.epoch += 1;
+    /// The dims every kernel of a call takes (the call's first kernel advances the call number).
+    fn dims(&self, x_row_bytes: usize) -> EpDims {
         let c = &self.config;
         EpDims {
             rank: i32_of(self.rank),
@@ -384,7 +385,7 @@ impl CudaBackend {
             max_tokens: i32_of(c.max_tokens_per_rank),
             x_row_bytes: i32_of(x_row_bytes),
             stage_row_bytes: i32_of(self.shared.stage_row_bytes),
-            epoch: self.epoch,
+            epoch_ptr: self.epoch.ptr(),
             timeout_ns: c.timeout.as_nanos().min(u64::MAX as u128) as u64,
         }
     }
@@ -480,15 +481,22 @@ impl CudaBackend {
             dm,
             SIG_ENTER,
             true,
+            true,
             self.err.ptr(),
         );
         self.check(r)
     }
 
     fn wait_data(&self, dm: EpDims, sig: i32) -> Result<()> {
-        let r =
-            self.kernels
-                .signal_wait(self.stream(), &self.peers, dm, sig, false, self.err.ptr());
+        let r = self.kernels.signal_wait(
+            self.stream(),
+            &self.peers,
+            dm,
+            sig,
+            false,
+            false,
+            self.err.ptr(),
+        );
         self.check(r)
     }
 
@@ -715,6 +723,24 @@ impl Backend for CudaBackend {
         CudaBackend::synchronize(self)
     }
 
+    fn begin_capture(&mut self) -> Result<()> {
+        // Thread-local: the other ranks' threads keep making CUDA calls of their own meanwhile.
+        self.stream()
+            .begin_capture(
+                cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+            .map_err(|e| device_error(mem::describe("cuStreamBeginCapture", e)))
+    }
+
+    fn end_capture(&mut self) -> Result<crate::graph::Graph> {
+        let graph = self
+            .stream()
+            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)
+            .map_err(|e| device_error(mem::describe("cuStreamEndCapture", e)))?
+            .ok_or_else(|| device_error("the capture recorded no work".into()))?;
+        Ok(crate::graph::Graph::cuda(graph))
+    }
+
     fn to_device(&self, host: TensorRef<'_>) -> Result<Tensor> {
         let bytes = host.host_bytes("tensor")?;
         let buf = StreamBuffer::from_host(self.stream(), bytes).map_err(device_error)?;
@@ -725,7 +751,7 @@ impl Backend for CudaBackend {
         let c = self.config.clone();
         let (world, kk, hidden) = (self.world, c.topk, c.hidden);
         let num_tokens = args.x.dims()[0];
-        let dm = self.begin(hidden * c.dtype.size());
+        let dm = self.dims(hidden * c.dtype.size());
         let num_local = self.placement.num_local(self.rank);
         let expert_major = match c.layout {
             Layout::TokenMajor => None,
@@ -936,7 +962,7 @@ impl Backend for CudaBackend {
         scales: Option<TensorRef<'_>>,
     ) -> Result<CachedDispatchOutput> {
         let h = cuda_state(handle);
-        let dm = self.begin(self.config.hidden * self.config.dtype.size());
+        let dm = self.dims(self.config.hidden * self.config.dtype.size());
         self.barrier(dm)?;
         self.send_payload(
             dm,
@@ -958,7 +984,7 @@ impl Backend for CudaBackend {
         weights: Option<TensorRef<'_>>,
     ) -> Result<CombineOutput> {
         let h = cuda_state(handle);
-        let dm = self.begin(self.config.hidden * self.config.combine_dtype.size());
+        let dm = self.dims(self.config.hidden * self.config.combine_dtype.size());
         self.barrier(dm)?;
         let token_major = h.exp_rows.is_none();
         let (override_weights, side) = match (&weights, token_major) {
@@ -990,7 +1016,7 @@ impl Backend for CudaBackend {
         grad_recv_weights: Option<TensorRef<'_>>,
     ) -> Result<DispatchBackwardOutput> {
         let h = cuda_state(handle);
-        let dm = self.begin(self.config.hidden * self.config.combine_dtype.size());
+        let dm = self.dims(self.config.hidden * self.config.combine_dtype.size());
         self.barrier(dm)?;
         let mode = if h.exp_rows.is_none() {
             SIDE_ROW_K_OWNED
@@ -1026,7 +1052,7 @@ impl Backend for CudaBackend {
     ) -> Result<CombineBackwardOutput> {
         let h = cuda_state(handle);
         let cd = self.config.combine_dtype;
-        let dm = self.begin(self.config.hidden * cd.size());
+        let dm = self.dims(self.config.hidden * cd.size());
         self.barrier(dm)?;
         self.send_payload(dm, h, ptr_of(&grad_out), None, handle.num_tokens)?;
         self.wait_data(dm, SIG_DATA)?;
