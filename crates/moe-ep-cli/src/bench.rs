@@ -255,6 +255,9 @@ fn run_one_t(
     plan: &Plan,
     progress: &ProgressBar,
 ) -> moe_ep::Result<Vec<RankRun>> {
+    // Ranks start each timed call together, so no rank's time includes a peer's untimed work.
+    let start_together = std::sync::Barrier::new(dispatchers.len());
+    let start_together = &start_together;
     std::thread::scope(|s| {
         let handles: Vec<_> = dispatchers
             .iter_mut()
@@ -262,7 +265,7 @@ fn run_one_t(
             .enumerate()
             .map(|(rank, (ep, input))| {
                 let progress = (rank == 0).then_some(progress);
-                s.spawn(move || rank_iterations(ep, input, plan, progress))
+                s.spawn(move || rank_iterations(ep, input, plan, progress, start_together))
             })
             .collect();
         handles
@@ -277,6 +280,7 @@ fn rank_iterations(
     input: &RankData,
     plan: &Plan,
     progress: Option<&ProgressBar>,
+    start_together: &std::sync::Barrier,
 ) -> moe_ep::Result<RankRun> {
     let (t, h, k) = (input.num_tokens, plan.shape.hidden, plan.shape.topk);
     // Inputs go where the backend reads them (device memory for CUDA) once, outside the timing.
@@ -300,6 +304,7 @@ fn rank_iterations(
         // Only the last iteration's outputs are kept: free the previous ones first.
         drop(last.take());
         // Each timed call ends when the rank's work is done (a no-op wait on the CPU backend).
+        start_together.wait();
         let start = Instant::now();
         let (out, handle) = ep.dispatch(x, idx, Some(weights), scales)?;
         ep.synchronize()?;
@@ -322,6 +327,7 @@ fn rank_iterations(
             Some(t) => t.view(),
             None => out.x.view(),
         };
+        start_together.wait();
         let start = Instant::now();
         let combined = ep.combine(&handle, y, None)?;
         ep.synchronize()?;
@@ -334,16 +340,23 @@ fn rank_iterations(
         if let Some(p) = progress {
             p.inc(1);
         }
+        // Kept where they are; read back to the host once, after the timed iterations.
         last = Some(LastOutputs {
-            dispatch: out.to_host()?,
-            combine: combined.to_host()?,
+            dispatch: out,
+            combine: combined,
             y: widened,
         });
     }
+    let last = last.expect("at least one iteration");
+    let last = LastOutputs {
+        dispatch: last.dispatch.to_host()?,
+        combine: last.combine.to_host()?,
+        y: last.y,
+    };
     Ok(RankRun {
         dispatch_us,
         combine_us,
-        last: last.expect("at least one iteration"),
+        last,
     })
 }
 
