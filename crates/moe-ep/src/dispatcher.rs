@@ -100,6 +100,13 @@ impl Dispatcher {
         self.backend.device()
     }
 
+    /// The raw `CUstream` this dispatcher's calls run on (CUDA backend; `None` on the CPU). Calls
+    /// are asynchronous on it: order work that produces inputs or consumes outputs against it
+    /// (enqueue it on this stream, e.g. as `torch.cuda.ExternalStream`, or with events).
+    pub fn cuda_stream(&self) -> Option<u64> {
+        self.backend.cuda_stream()
+    }
+
     /// A copy of host data where this dispatcher takes its inputs (the CPU backend: a host copy).
     pub fn to_device(&self, host: TensorRef<'_>) -> Result<crate::tensor::Tensor> {
         validate::device("tensor", &host, crate::tensor::Device::Host)?;

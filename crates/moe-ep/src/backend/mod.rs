@@ -50,6 +50,9 @@ pub(crate) trait Backend: Send {
     /// A copy of host data where this backend wants its inputs.
     fn to_device(&self, host: TensorRef<'_>) -> Result<Tensor>;
 
+    /// The raw CUDA stream this rank's calls run on (`None` on the CPU).
+    fn cuda_stream(&self) -> Option<u64>;
+
     /// Starts recording this rank's work into a graph instead of running it.
     fn begin_capture(&mut self) -> Result<()>;
 

@@ -235,6 +235,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn cuda_stream(&self) -> Option<u64> {
+        None
+    }
+
     fn begin_capture(&mut self) -> Result<()> {
         Err(EpError::BackendUnavailable {
             backend: "cpu",

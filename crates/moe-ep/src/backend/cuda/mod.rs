@@ -723,6 +723,10 @@ impl Backend for CudaBackend {
         CudaBackend::synchronize(self)
     }
 
+    fn cuda_stream(&self) -> Option<u64> {
+        Some(self.stream().cu_stream() as u64)
+    }
+
     fn begin_capture(&mut self) -> Result<()> {
         // Thread-local: the other ranks' threads keep making CUDA calls of their own meanwhile.
         self.stream()
