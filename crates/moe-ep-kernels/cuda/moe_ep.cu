@@ -55,8 +55,11 @@ __device__ void report(int* err, int code, int a, int b, int c) {
     }
 }
 
+// Whether this rank's call must stop. A bad expert id is not such an error: the slot is dropped
+// like -1 on every rank, so the call goes on consistently and only the offending rank reports it.
 __device__ __forceinline__ bool failed(const int* err) {
-    return *reinterpret_cast<const volatile int*>(err) != 0;
+    const int code = *reinterpret_cast<const volatile int*>(err);
+    return code != 0 && code != EP_ERR_EXPERT_ID;
 }
 
 // Waits until this rank's flag `sig` from every rank reached `epoch`; one thread per peer.
@@ -487,7 +490,10 @@ __device__ void combine_send(const EpPeers& peers, const EpDims& dm, const T* y,
                              int side_mode, const int* offsets, int rows_given, unsigned* done, int* err) {
     const int K = dm.topk, H = dm.hidden, rows = recv_base[dm.world];
     const bool expert_major = offsets != nullptr;
-    if (rows_cover(dm, recv_base, offsets, rows_given, err) && !failed(err)) {
+    // Too few rows handed back: send nothing and raise no flag, so the sources time out naming
+    // this rank rather than reduce rows it never sent.
+    if (!rows_cover(dm, recv_base, offsets, rows_given, err)) return;
+    if (!failed(err)) {
         for (int j = blockIdx.x; j < rows; j += gridDim.x) {
             const int s = row_src[2 * j];
             const int64_t slot = static_cast<int64_t>(dm.rank) * dm.max_tokens + (j - recv_base[s]);
@@ -578,8 +584,8 @@ __device__ void combine_backward_expert(const EpPeers& peers, const EpDims& dm, 
     const int warps = (gridDim.x * blockDim.x) >> 5;
     const int K = dm.topk, H = dm.hidden, rows = recv_base[dm.world];
     const int64_t stage_elems = dm.stage_row_bytes / static_cast<int64_t>(sizeof(T));
-    const bool covered = !y || rows_cover(dm, recv_base, offsets, rows_given, err);
-    if (covered && !failed(err)) {
+    if (y && !rows_cover(dm, recv_base, offsets, rows_given, err)) return;  // as in combine_send
+    if (!failed(err)) {
         for (int j = warp; j < rows; j += warps) {
             const T* g = stage_g + static_cast<int64_t>(j) * stage_elems;
             const int s = row_src[2 * j];

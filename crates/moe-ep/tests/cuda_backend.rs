@@ -396,3 +396,62 @@ fn graph_capture_needs_the_cuda_backend() {
         "{err}"
     );
 }
+
+/// An expert id out of range in device memory: the kernels never read or write out of bounds, the
+/// next synchronization names the slot and the id, and the dispatcher goes on working.
+#[test]
+fn expert_ids_out_of_range_on_the_device_are_reported() {
+    let Some(cuda) = cuda_or_skip("expert_ids_out_of_range_on_the_device_are_reported") else {
+        return;
+    };
+    let (t, h, e, k) = (4, 64, 4, 2);
+    let config = EpConfig::builder()
+        .num_experts(e)
+        .topk(k)
+        .hidden(h)
+        .max_tokens_per_rank(t)
+        .build()
+        .expect("valid config");
+    let results = run_ranks(&cuda, 2, |group| {
+        let err = |e: EpError| e.to_string();
+        let mut ep = Dispatcher::new(&group, config.clone()).map_err(err)?;
+        let x = vec![bf16::ONE; t * h];
+        let good = vec![0i32, 3, 1, 2, 2, -1, 3, 0];
+        // Rank 0's token 2, slot 1 names expert 99 of 4; rank 1's ids are all valid.
+        let mut bad = good.clone();
+        if group.rank() == 0 {
+            bad[5] = 99;
+        }
+        let x = ep
+            .to_device(TensorRef::new(&x, &[t, h]).map_err(err)?)
+            .map_err(err)?;
+        let bad = ep
+            .to_device(TensorRef::new(&bad, &[t, k]).map_err(err)?)
+            .map_err(err)?;
+        let good = ep
+            .to_device(TensorRef::new(&good, &[t, k]).map_err(err)?)
+            .map_err(err)?;
+        ep.dispatch(x.view(), bad.view(), None, None).map_err(err)?;
+        let reported = ep.synchronize();
+        let (out, handle) = ep
+            .dispatch(x.view(), good.view(), None, None)
+            .map_err(err)?;
+        ep.combine(&handle, out.x.view(), None).map_err(err)?;
+        let after = ep.synchronize();
+        Ok((reported, after))
+    })
+    .expect("ranks run");
+    let (reported, after) = &results[0];
+    assert_eq!(
+        *reported,
+        Err(EpError::ExpertOutOfRange {
+            arg: "topk_idx",
+            row: 2,
+            col: 1,
+            value: 99,
+            num_experts: 4
+        })
+    );
+    assert_eq!(*after, Ok(()), "the dispatcher works on after the report");
+    assert_eq!(results[1], (Ok(()), Ok(())), "rank 1 gave valid ids");
+}
