@@ -302,13 +302,10 @@ impl Dispatcher {
                 actual: t,
             });
         }
-        let expert_major = !validate::is_token_major(&self.config);
-        validate::presence(
-            "y",
-            y.is_some(),
-            y.is_some() && expert_major,
-            "a tensor (expert-major only)",
-        )?;
+        if self.config.layout == Layout::TokenMajor {
+            // Token-major combine is unweighted: there is no weight gradient to take `y` for.
+            validate::presence("y", y.is_some(), false, "")?;
+        }
         if let Some(y) = &y {
             self.check_rows_back("y", y, h)?;
         }

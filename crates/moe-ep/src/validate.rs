@@ -1,7 +1,7 @@
 //! Argument checks shared by every backend. Each runs before anything is sent, and each error names
 //! the argument, the expected and the actual value.
 
-use crate::config::{EpConfig, Layout};
+use crate::config::Layout;
 use crate::dtype::DType;
 use crate::error::{EpError, Result};
 use crate::handle::HandleInner;
@@ -165,9 +165,4 @@ pub(crate) fn read_topk_host(t: &TensorRef<'_>, k: usize, num_experts: usize) ->
             actual: other.to_string(),
         }),
     }
-}
-
-/// The combine-side row count a handle expects back, and whether the config's layout is token-major.
-pub(crate) fn is_token_major(config: &EpConfig) -> bool {
-    config.layout == Layout::TokenMajor
 }

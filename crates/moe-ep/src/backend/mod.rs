@@ -5,6 +5,7 @@ pub(crate) mod cuda;
 pub(crate) mod rendezvous;
 pub(crate) mod tcp_rendezvous;
 
+use crate::config::EpConfig;
 use crate::error::Result;
 use crate::handle::HandleInner;
 use crate::output::{
@@ -12,6 +13,48 @@ use crate::output::{
     DispatchOutput,
 };
 use crate::tensor::{Device, Tensor, TensorRef};
+
+/// A config as ranks compare it when a dispatcher is built: (field, value) in a fixed order.
+pub(crate) type ConfigFields = Vec<(String, String)>;
+
+/// The config, field by field, as ranks compare it when a dispatcher is built.
+pub(crate) fn config_fields(c: &EpConfig) -> ConfigFields {
+    vec![
+        ("num_experts".into(), c.num_experts.to_string()),
+        ("topk".into(), c.topk.to_string()),
+        ("hidden".into(), c.hidden.to_string()),
+        (
+            "max_tokens_per_rank".into(),
+            c.max_tokens_per_rank.to_string(),
+        ),
+        ("dtype".into(), c.dtype.to_string()),
+        ("combine_dtype".into(), c.combine_dtype.to_string()),
+        ("layout".into(), format!("{:?}", c.layout)),
+        ("scale_columns".into(), c.scale_columns.to_string()),
+        ("placement".into(), format!("{:?}", c.placement)),
+        ("recv_capacity".into(), format!("{:?}", c.recv_capacity)),
+        ("output_sizing".into(), format!("{:?}", c.output_sizing)),
+    ]
+}
+
+/// The first field in which a peer built another config than this rank, as an error.
+pub(crate) fn check_configs<'a>(
+    rank: usize,
+    mine: &ConfigFields,
+    all: impl IntoIterator<Item = &'a ConfigFields>,
+) -> Result<()> {
+    for (peer, theirs) in all.into_iter().enumerate() {
+        if let Some((a, b)) = mine.iter().zip(theirs).find(|(a, b)| a != b) {
+            return Err(crate::error::EpError::ConfigMismatch {
+                rank,
+                peer,
+                expected: format!("{} = {}", a.0, a.1),
+                actual: format!("{} = {}", b.0, b.1),
+            });
+        }
+    }
+    Ok(())
+}
 
 /// A backend's private routing state inside a [`crate::Handle`].
 pub(crate) enum BackendHandle {

@@ -25,7 +25,7 @@ use std::sync::Arc;
 /// What ranks post to each other.
 pub(crate) enum Message {
     /// `Dispatcher::new`: the config, field by field, to check every rank built the same one.
-    Config(Vec<(&'static str, String)>),
+    Config(super::ConfigFields),
     /// One packet per peer rank, indexed by the rank it is for.
     Packets(Vec<Packet>),
 }
@@ -97,23 +97,6 @@ pub(crate) struct CpuBackend {
     placement: Arc<Placement>,
 }
 
-/// The config, field by field, as ranks compare it when a dispatcher is built.
-pub(crate) fn config_fields(c: &EpConfig) -> Vec<(&'static str, String)> {
-    vec![
-        ("num_experts", c.num_experts.to_string()),
-        ("topk", c.topk.to_string()),
-        ("hidden", c.hidden.to_string()),
-        ("max_tokens_per_rank", c.max_tokens_per_rank.to_string()),
-        ("dtype", c.dtype.to_string()),
-        ("combine_dtype", c.combine_dtype.to_string()),
-        ("layout", format!("{:?}", c.layout)),
-        ("scale_columns", c.scale_columns.to_string()),
-        ("placement", format!("{:?}", c.placement)),
-        ("recv_capacity", format!("{:?}", c.recv_capacity)),
-        ("output_sizing", format!("{:?}", c.output_sizing)),
-    ]
-}
-
 impl CpuBackend {
     /// Joins the group's other ranks and checks they were built with the same config.
     pub(crate) fn new(
@@ -133,21 +116,13 @@ impl CpuBackend {
             config,
             placement,
         };
-        let mine = config_fields(&backend.config);
+        let mine = super::config_fields(&backend.config);
         let posts = backend.all_gather(Op::Create, Message::Config(mine.clone()))?;
-        for (peer, post) in posts.iter().enumerate() {
-            let Message::Config(theirs) = post.as_ref() else {
-                unreachable!("Op::Create rounds carry configs")
-            };
-            if let Some((a, b)) = mine.iter().zip(theirs).find(|(a, b)| a != b) {
-                return Err(EpError::ConfigMismatch {
-                    rank,
-                    peer,
-                    expected: format!("{} = {}", a.0, a.1),
-                    actual: format!("{} = {}", b.0, b.1),
-                });
-            }
-        }
+        let all = posts.iter().map(|post| match post.as_ref() {
+            Message::Config(theirs) => theirs,
+            Message::Packets(_) => unreachable!("Op::Create rounds carry configs"),
+        });
+        super::check_configs(rank, &mine, all)?;
         Ok(backend)
     }
 

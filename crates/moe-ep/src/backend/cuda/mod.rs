@@ -33,7 +33,7 @@ use std::sync::Arc;
 
 /// What CUDA ranks of one process exchange when a dispatcher is built.
 pub(crate) enum CudaMessage {
-    Config(Vec<(&'static str, String)>),
+    Config(super::ConfigFields),
     /// A rank's shared buffers. Every rank keeps every rank's buffers alive, so memory a peer may
     /// still write into is freed only once the whole group is gone.
     Buffers {
@@ -52,32 +52,6 @@ pub(crate) enum ControlPlane {
     Local(Arc<CudaExchange>),
     /// Ranks are processes of this node: they exchange CUDA IPC handles over TCP.
     Tcp(Arc<TcpRendezvous>),
-}
-
-/// A config as comparable text, field by field.
-fn config_text(fields: &[(&'static str, String)]) -> Vec<(String, String)> {
-    fields
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.clone()))
-        .collect()
-}
-
-fn check_configs(
-    rank: usize,
-    mine: &[(String, String)],
-    all: &[Vec<(String, String)>],
-) -> Result<()> {
-    for (peer, theirs) in all.iter().enumerate() {
-        if let Some((a, b)) = mine.iter().zip(theirs).find(|(a, b)| a != b) {
-            return Err(EpError::ConfigMismatch {
-                rank,
-                peer,
-                expected: format!("{} = {}", a.0, a.1),
-                actual: format!("{} = {}", b.0, b.1),
-            });
-        }
-    }
-    Ok(())
 }
 
 /// The buffers of every rank as this one maps them, and what keeps them alive.
@@ -109,8 +83,7 @@ fn join_group(
     shared: &Arc<SharedBuffers>,
     config: &EpConfig,
 ) -> Result<GroupBuffers> {
-    let fields = crate::backend::cpu::config_fields(config);
-    let mine = config_text(&fields);
+    let mine = super::config_fields(config);
     let timeout = config.timeout;
     let mut out = GroupBuffers {
         peers: EpPeers::default(),
@@ -123,17 +96,14 @@ fn join_group(
                 rank,
                 (channel, 0),
                 Op::Create,
-                CudaMessage::Config(fields),
+                CudaMessage::Config(mine.clone()),
                 timeout,
             )?;
-            let all: Vec<_> = posts
-                .iter()
-                .map(|p| match p.as_ref() {
-                    CudaMessage::Config(f) => config_text(f),
-                    CudaMessage::Buffers { .. } => unreachable!("the first round carries configs"),
-                })
-                .collect();
-            check_configs(rank, &mine, &all)?;
+            let all = posts.iter().map(|p| match p.as_ref() {
+                CudaMessage::Config(f) => f,
+                CudaMessage::Buffers { .. } => unreachable!("the first round carries configs"),
+            });
+            super::check_configs(rank, &mine, all)?;
             let message = CudaMessage::Buffers {
                 ordinal: device.ctx.ordinal() as u32,
                 buffers: shared.clone(),
@@ -153,7 +123,7 @@ fn join_group(
         ControlPlane::Tcp(tcp) => {
             let text: String = mine.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
             let posts = tcp.all_gather((channel, 0), Op::Create, text.into_bytes(), timeout)?;
-            let all: Vec<Vec<(String, String)>> = posts
+            let all: Vec<super::ConfigFields> = posts
                 .iter()
                 .map(|p| {
                     String::from_utf8_lossy(p)
@@ -163,7 +133,7 @@ fn join_group(
                         .collect()
                 })
                 .collect();
-            check_configs(rank, &mine, &all)?;
+            super::check_configs(rank, &mine, &all)?;
             let handles = shared.ipc_handles().map_err(device_error)?;
             let posts = tcp.all_gather((channel, 1), Op::Create, handles.concat(), timeout)?;
             for (r, post) in posts.iter().enumerate() {
@@ -531,6 +501,22 @@ impl CudaBackend {
         self.check(r)
     }
 
+    /// Output tensors for `out_rows` payload rows of `dtype`, and their scales when `with_scales`
+    /// and the dispatcher has scale columns.
+    fn payload_tensors(
+        &self,
+        out_rows: usize,
+        dtype: DType,
+        with_scales: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let s_cols = self.config.scale_columns;
+        let x = self.tensor(out_rows, Some(self.config.hidden), dtype, 0)?;
+        let scales = (with_scales && s_cols > 0)
+            .then(|| self.tensor(out_rows, Some(s_cols), DType::F32, 0))
+            .transpose()?;
+        Ok((x, scales))
+    }
+
     /// Lays the staged payload out in the recorded rows: `[out_rows, H]` of `dtype`, and the scales
     /// when `with_scales` (the dispatcher has scale columns and the payload carried them).
     fn place_payload(
@@ -542,11 +528,7 @@ impl CudaBackend {
         with_scales: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let hidden = self.config.hidden;
-        let s_cols = self.config.scale_columns;
-        let x = self.tensor(out_rows, Some(hidden), dtype, 0)?;
-        let scales = (with_scales && s_cols > 0)
-            .then(|| self.tensor(out_rows, Some(s_cols), DType::F32, 0))
-            .transpose()?;
+        let (x, scales) = self.payload_tensors(out_rows, dtype, with_scales)?;
         let out_row_bytes = i32_of(hidden * dtype.size());
         let x_ptr = x.device_ptr().expect("device tensor");
         let sc_ptr = ptr_or_null(scales.as_ref().and_then(Tensor::device_ptr));
@@ -702,6 +684,11 @@ impl Drop for CudaBackend {
     }
 }
 
+/// The fewest rows among the per-row tensors handed back (the kernels check they cover dispatch).
+fn rows_given(rows: &TensorRef<'_>, per_row_weights: Option<&TensorRef<'_>>) -> usize {
+    per_row_weights.map_or(rows.dims()[0], |w| w.dims()[0].min(rows.dims()[0]))
+}
+
 fn cuda_state(h: &HandleInner) -> &CudaHandle {
     match &h.state {
         BackendHandle::Cuda(c) => c,
@@ -848,7 +835,8 @@ impl Backend for CudaBackend {
                 let w = has_weights
                     .then(|| self.tensor(cap, Some(kk), DType::F32, 0))
                     .transpose()?;
-                let (x, scales) = self.place_payload(dm, &handle, cap, c.dtype, true)?;
+                // The full layout below copies the payload with the metadata.
+                let (x, scales) = self.payload_tensors(cap, c.dtype, true)?;
                 let r = self.kernels.layout_token_major(
                     self.stream(),
                     self.grid(),
@@ -996,15 +984,12 @@ impl Backend for CudaBackend {
             (Some(w), false) => (Some(ptr_of(w)), None),
             (None, _) => (None, None),
         };
-        let rows_given = weights
-            .as_ref()
-            .map_or(y.dims()[0], |w| w.dims()[0].min(y.dims()[0]));
         let (x, weights) = self.reduce_back(
             dm,
             h,
             handle.num_tokens,
             ptr_of(&y),
-            rows_given,
+            rows_given(&y, weights.as_ref()),
             override_weights,
             false,
             side,
@@ -1028,9 +1013,7 @@ impl Backend for CudaBackend {
             SIDE_EXPANDED
         };
         let side = grad_recv_weights.as_ref().map(|w| (ptr_of(w), mode));
-        let rows_given = grad_recv_weights.as_ref().map_or(grad_recv.dims()[0], |w| {
-            w.dims()[0].min(grad_recv.dims()[0])
-        });
+        let rows_given = rows_given(&grad_recv, grad_recv_weights.as_ref());
         let (grad_x, grad_weights) = self.reduce_back(
             dm,
             h,
