@@ -1,8 +1,10 @@
-//! `moe-ep bench`: runs dispatch and combine with one thread per rank, times them, and checks the
-//! last iteration of every T against the oracle.
+//! `moe-ep bench`: runs dispatch and combine on every rank, times them, and checks the last
+//! iteration of every T against the oracle. Ranks are threads of this process, or (CUDA) one
+//! process per GPU that this command starts, or joins when launched torchrun-style. Each rank runs
+//! [`rank_main`]; rank 0 gathers the timings and checks and prints the table.
 
 use crate::check::{self, LastOutputs};
-use crate::cli::{BackendChoice, BenchArgs, LayoutChoice};
+use crate::cli::{BackendChoice, BenchArgs, LaunchChoice, LayoutChoice};
 use crate::report::{self, ConfigReport, Report, Stats, TokensResult};
 use crate::workload::{self, RankData, Shape};
 use half::bf16;
@@ -13,6 +15,7 @@ use moe_ep::{
 };
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -27,118 +30,247 @@ const RUNNABLE: &[&str] = &["cuda", "cpu"];
 pub fn run(args: &BenchArgs) -> Result<ExitCode, String> {
     let backend = pick_backend(args.backend)?;
     let plan = Plan::new(args, backend)?;
+    let launch = args.launch.unwrap_or(match backend {
+        "cuda" => LaunchChoice::Processes,
+        _ => LaunchChoice::Threads,
+    });
+    let reports: Vec<Option<Report>> = match (backend, launch) {
+        ("cuda", LaunchChoice::Processes) if std::env::var_os("RANK").is_some() => {
+            let group = Group::from_env().map_err(flag_error)?;
+            if group.world() != plan.shape.world {
+                return Err(format!(
+                    "--world: expected WORLD_SIZE = {}, got {}",
+                    group.world(),
+                    plan.shape.world
+                ));
+            }
+            vec![rank_main(&group, &plan, args, None)?]
+        }
+        ("cuda", LaunchChoice::Processes) => return launch_processes(plan.shape.world),
+        (_, LaunchChoice::Processes) => {
+            return Err(format!(
+                "--launch processes: the {backend} backend runs ranks as threads of one process"
+            ))
+        }
+        (_, LaunchChoice::Threads) => {
+            let groups = local_groups(backend, plan.shape.world)?;
+            // One copy of the inputs and of the oracle's answers for all rank threads.
+            let workloads = plan.workloads();
+            let workloads = &workloads;
+            std::thread::scope(|s| {
+                let ranks: Vec<_> = groups
+                    .iter()
+                    .map(|g| s.spawn(|| rank_main(g, &plan, args, Some(workloads))))
+                    .collect();
+                ranks
+                    .into_iter()
+                    .map(|h| h.join().expect("rank thread panicked"))
+                    .collect::<Result<Vec<_>, String>>()
+            })?
+        }
+    };
+    match reports.into_iter().flatten().next() {
+        Some(report) => publish(&report, args),
+        None => Ok(ExitCode::SUCCESS), // another rank than 0: rank 0 reports
+    }
+}
 
-    let groups = match backend {
+/// Prints rank 0's table (and `--json`); a failed check is exit 1.
+fn publish(report: &Report, args: &BenchArgs) -> Result<ExitCode, String> {
+    println!("{}", report::header(&report.config));
+    println!("{}", report::table(report));
+    if let Some(path) = &args.json {
+        report::write_json(path, report)?;
+    }
+    let failed: Vec<&TokensResult> = report.results.iter().filter(|r| !r.check_ok).collect();
+    for r in &failed {
+        eprintln!("error: check failed for T={}: {}", r.tokens, r.check);
+    }
+    Ok(if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The ranks of a group of this process: CPU threads, or CUDA ranks round-robin over the GPUs.
+fn local_groups(backend: &str, world: usize) -> Result<Vec<Group>, String> {
+    match backend {
         "cuda" => {
-            // Ranks round-robin over the GPUs: more ranks than GPUs share them.
+            // More ranks than GPUs share them.
             let devices: Vec<u32> = probe::cuda_devices()?.iter().map(|d| d.ordinal).collect();
-            let placed: Vec<u32> = (0..plan.shape.world)
-                .map(|r| devices[r % devices.len()])
-                .collect();
-            share_gpus_safely(plan.shape.world.div_ceil(devices.len()));
+            let placed: Vec<u32> = (0..world).map(|r| devices[r % devices.len()]).collect();
+            share_gpus_safely(world.div_ceil(devices.len()));
             Group::cuda_local(&placed)
         }
-        _ => Group::cpu_world(plan.shape.world),
+        _ => Group::cpu_world(world),
     }
-    .map_err(flag_error)?;
-    let mut dispatchers = std::thread::scope(|s| {
-        let handles: Vec<_> = groups
-            .iter()
-            .map(|g| {
-                let config = plan.config.clone();
-                s.spawn(move || Dispatcher::new(g, config))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("rank thread panicked"))
-            .collect::<moe_ep::Result<Vec<_>>>()
+    .map_err(flag_error)
+}
+
+/// Starts one process per rank (this binary with the same arguments), torchrun-style, and waits:
+/// rank 0 prints the table; the exit code is a failure when any rank failed.
+fn launch_processes(world: usize) -> Result<ExitCode, String> {
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("finding a free port for the rank processes: {e}"))?
+        .port();
+    let exe = std::env::current_exe().map_err(|e| format!("finding this binary: {e}"))?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let children = (0..world)
+        .map(|r| {
+            std::process::Command::new(&exe)
+                .args(&args)
+                .env("RANK", r.to_string())
+                .env("LOCAL_RANK", r.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("LOCAL_WORLD_SIZE", world.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .spawn()
+                .map_err(|e| format!("starting rank process {r}: {e}"))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let mut ok = true;
+    for (r, mut child) in children.into_iter().enumerate() {
+        let status = child
+            .wait()
+            .map_err(|e| format!("waiting for rank process {r}: {e}"))?;
+        if !status.success() {
+            eprintln!("error: rank process {r} {status}");
+            ok = false;
+        }
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     })
-    .map_err(flag_error)?;
+}
 
-    let per_t = (plan.warmup + plan.iters) as u64;
-    let progress = ProgressBar::new(per_t * plan.tokens.len() as u64);
-    progress.set_style(
-        ProgressStyle::with_template("{msg:>16} [{bar:40}] {pos}/{len} iterations ({elapsed})")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
+/// What each rank tells rank 0 about one T.
+#[derive(Serialize, Deserialize)]
+struct RankSummary {
+    dispatch_us: Vec<f64>,
+    combine_us: Vec<f64>,
+    /// The first mismatch with the oracle, if any.
+    mismatch: Option<String>,
+}
 
+/// One T's inputs for every rank and what the oracle says each must get.
+struct TokensWork {
+    work: workload::Workload,
+    expected: check::Expected,
+}
+
+impl TokensWork {
+    fn new(work: workload::Workload, plan: &Plan) -> TokensWork {
+        let to_combine_dtype = |x: &[u8]| payload_in_combine_dtype(x, plan);
+        let expected = check::Expected::compute(&plan.config, &work.ranks, &to_combine_dtype);
+        TokensWork { work, expected }
+    }
+}
+
+/// One rank's whole benchmark; rank 0 returns the report. `shared`: every T's inputs and oracle
+/// answers, when the ranks are threads of one process; a rank process makes its own (the same,
+/// from the seed).
+fn rank_main(
+    group: &Group,
+    plan: &Plan,
+    args: &BenchArgs,
+    shared: Option<&[TokensWork]>,
+) -> Result<Option<Report>, String> {
+    let (rank, world) = (group.rank(), plan.shape.world);
+    let mut ep = Dispatcher::new(group, plan.config.clone()).map_err(flag_error)?;
+    let progress = (rank == 0).then(|| {
+        let per_t = (plan.warmup + plan.iters) as u64;
+        let bar = ProgressBar::new(per_t * plan.tokens.len() as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{msg:>16} [{bar:40}] {pos}/{len} iterations ({elapsed})")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar
+    });
+    // Every rank has every rank's inputs (drawn from the same seed), so each can check itself.
     let mut rng = StdRng::seed_from_u64(plan.seed);
     let mut results = Vec::with_capacity(plan.tokens.len());
-    for &t in &plan.tokens {
-        progress.set_message(format!("T={t}"));
-        let work = workload::generate(&mut rng, &plan.shape, &plan.placement, t);
-        let runs = run_one_t(&mut dispatchers, &work.ranks, &plan, &progress);
-        let runs = match runs {
-            Ok(r) => r,
-            Err(e) => {
-                progress.abandon();
-                return Err(format!("T={t}: {e}"));
+    for (i, &t) in plan.tokens.iter().enumerate() {
+        if let Some(p) = &progress {
+            p.set_message(format!("T={t}"));
+        }
+        let drawn;
+        let TokensWork { work, expected } = match shared {
+            Some(all) => &all[i],
+            None => {
+                let work = workload::generate(&mut rng, &plan.shape, &plan.placement, t);
+                drawn = TokensWork::new(work, plan);
+                &drawn
             }
         };
-        let mut dispatch_us = Vec::with_capacity(plan.iters);
-        let mut combine_us = Vec::with_capacity(plan.iters);
-        for i in 0..plan.iters {
-            dispatch_us.push(runs.iter().map(|r| r.dispatch_us[i]).fold(0.0, f64::max));
-            combine_us.push(runs.iter().map(|r| r.combine_us[i]).fold(0.0, f64::max));
-        }
-        progress.set_message(format!("T={t} checking"));
-        let mut last: Vec<LastOutputs> = runs.into_iter().map(|r| r.last).collect();
-        if args.inject_mismatch {
-            if let Some(byte) = last
-                .last_mut()
-                .and_then(|l| l.combine.x.host_bytes_mut().first_mut())
-            {
+        let run = rank_iterations(&mut ep, &work.ranks[rank], plan, progress.as_ref())
+            .map_err(|e| format!("T={t}: {e}"))?;
+        let mut last = run.last;
+        if args.inject_mismatch && rank + 1 == world {
+            if let Some(byte) = last.combine.x.host_bytes_mut().first_mut() {
                 *byte ^= 1;
             }
         }
-        let check = check::verify(&plan.config, plan.shape.world, work.ranks, last);
-
-        let world = plan.shape.world as f64;
-        let rows = work.remote_rows as f64 / world;
-        let x_row = (plan.shape.hidden * plan.shape.dtype.size()) as f64;
-        let scale_row = (plan.shape.scale_columns * 4) as f64;
-        let y_row = (plan.shape.hidden * plan.config.combine_dtype().size()) as f64;
-        let dispatch = Stats::from_samples(dispatch_us);
-        let combine = Stats::from_samples(combine_us);
-        let dispatch_bytes = rows * (x_row + scale_row);
-        let combine_bytes = rows * y_row;
-        results.push(TokensResult {
-            tokens: t,
-            dispatch_gb_per_s: report::gb_per_s(dispatch_bytes, dispatch.median_us),
-            combine_gb_per_s: report::gb_per_s(combine_bytes, combine.median_us),
-            dispatch,
-            combine,
-            remote_rows_per_rank: rows,
-            dispatch_bytes_per_rank: dispatch_bytes,
-            combine_bytes_per_rank: combine_bytes,
-            check_ok: check.is_ok(),
-            check: match check {
-                Ok(()) => "ok".into(),
-                Err(m) => m,
-            },
-        });
+        let mismatch = check::verify_rank(expected, rank, &last).err();
+        let mine = RankSummary {
+            dispatch_us: run.dispatch_us,
+            combine_us: run.combine_us,
+            mismatch,
+        };
+        let all = ep
+            .all_gather_host(serde_json::to_vec(&mine).expect("a summary serializes"))
+            .map_err(flag_error)?;
+        if rank == 0 {
+            let all: Vec<RankSummary> = all
+                .iter()
+                .map(|b| serde_json::from_slice(b).expect("every rank runs this binary"))
+                .collect();
+            results.push(tokens_result(plan, t, work.remote_rows, &all));
+        }
     }
-    progress.finish_and_clear();
-
-    let report = Report {
+    if let Some(p) = progress {
+        p.finish_and_clear();
+    }
+    Ok((rank == 0).then(|| Report {
         config: plan.report_config(),
         results,
+    }))
+}
+
+/// One T's row of the report from every rank's summary: per iteration the slowest rank (the
+/// collective ends when it does), then the median over iterations.
+fn tokens_result(plan: &Plan, t: usize, remote_rows: usize, all: &[RankSummary]) -> TokensResult {
+    let slowest = |pick: fn(&RankSummary) -> &Vec<f64>| -> Vec<f64> {
+        (0..plan.iters)
+            .map(|i| all.iter().map(|r| pick(r)[i]).fold(0.0, f64::max))
+            .collect()
     };
-    println!("{}", report::header(&report.config));
-    println!("{}", report::table(&report));
-    if let Some(path) = &args.json {
-        report::write_json(path, &report)?;
+    let dispatch = Stats::from_samples(slowest(|r| &r.dispatch_us));
+    let combine = Stats::from_samples(slowest(|r| &r.combine_us));
+    let rows = remote_rows as f64 / plan.shape.world as f64;
+    let x_row = (plan.shape.hidden * plan.shape.dtype.size()) as f64;
+    let scale_row = (plan.shape.scale_columns * 4) as f64;
+    let y_row = (plan.shape.hidden * plan.config.combine_dtype().size()) as f64;
+    let dispatch_bytes = rows * (x_row + scale_row);
+    let combine_bytes = rows * y_row;
+    let mismatch = all.iter().find_map(|r| r.mismatch.clone());
+    TokensResult {
+        tokens: t,
+        dispatch_gb_per_s: report::gb_per_s(dispatch_bytes, dispatch.median_us),
+        combine_gb_per_s: report::gb_per_s(combine_bytes, combine.median_us),
+        dispatch,
+        combine,
+        remote_rows_per_rank: rows,
+        dispatch_bytes_per_rank: dispatch_bytes,
+        combine_bytes_per_rank: combine_bytes,
+        check_ok: mismatch.is_none(),
+        check: mismatch.unwrap_or_else(|| "ok".into()),
     }
-    let failed: Vec<&TokensResult> = report.results.iter().filter(|r| !r.check_ok).collect();
-    if failed.is_empty() {
-        return Ok(ExitCode::SUCCESS);
-    }
-    for r in failed {
-        eprintln!("error: check failed for T={}: {}", r.tokens, r.check);
-    }
-    Ok(ExitCode::FAILURE)
 }
 
 /// The validated parameters of one run.
@@ -219,6 +351,21 @@ impl Plan {
         })
     }
 
+    /// Every T's inputs, drawn in order from the seed (what each rank process draws for itself),
+    /// with the oracle's answers.
+    fn workloads(&self) -> Vec<TokensWork> {
+        let mut rng = StdRng::seed_from_u64(self.seed);
+        self.tokens
+            .iter()
+            .map(|&t| {
+                TokensWork::new(
+                    workload::generate(&mut rng, &self.shape, &self.placement, t),
+                    self,
+                )
+            })
+            .collect()
+    }
+
     fn report_config(&self) -> ConfigReport {
         ConfigReport {
             backend: self.backend.into(),
@@ -248,39 +395,13 @@ struct RankRun {
     last: LastOutputs,
 }
 
-/// Every rank's warmup and timed iterations for one T, each rank on its own thread.
-fn run_one_t(
-    dispatchers: &mut [Dispatcher],
-    inputs: &[RankData],
-    plan: &Plan,
-    progress: &ProgressBar,
-) -> moe_ep::Result<Vec<RankRun>> {
-    // Ranks start each timed call together, so no rank's time includes a peer's untimed work.
-    let start_together = std::sync::Barrier::new(dispatchers.len());
-    let start_together = &start_together;
-    std::thread::scope(|s| {
-        let handles: Vec<_> = dispatchers
-            .iter_mut()
-            .zip(inputs)
-            .enumerate()
-            .map(|(rank, (ep, input))| {
-                let progress = (rank == 0).then_some(progress);
-                s.spawn(move || rank_iterations(ep, input, plan, progress, start_together))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("rank thread panicked"))
-            .collect()
-    })
-}
-
+/// One rank's warmup and timed iterations for one T. The ranks start each timed call together
+/// (a host barrier), so no rank's time includes a peer's untimed work.
 fn rank_iterations(
     ep: &mut Dispatcher,
     input: &RankData,
     plan: &Plan,
     progress: Option<&ProgressBar>,
-    start_together: &std::sync::Barrier,
 ) -> moe_ep::Result<RankRun> {
     let (t, h, k) = (input.num_tokens, plan.shape.hidden, plan.shape.topk);
     // Inputs go where the backend reads them (device memory for CUDA) once, outside the timing.
@@ -291,12 +412,7 @@ fn rank_iterations(
         Some(s) => Some(ep.to_device(TensorRef::new(s, &[t, plan.shape.scale_columns])?)?),
         None => None,
     };
-    let (x, idx, weights, scales) = (
-        x.view(),
-        idx.view(),
-        weights.view(),
-        scales.as_ref().map(|s| s.view()),
-    );
+    let scales = scales.as_ref().map(|s| s.view());
     let mut dispatch_us = Vec::with_capacity(plan.iters);
     let mut combine_us = Vec::with_capacity(plan.iters);
     let mut last = None;
@@ -304,30 +420,28 @@ fn rank_iterations(
         // Only the last iteration's outputs are kept: free the previous ones first.
         drop(last.take());
         // Each timed call ends when the rank's work is done (a no-op wait on the CPU backend).
-        start_together.wait();
+        ep.all_gather_host(Vec::new())?;
         let start = Instant::now();
-        let (out, handle) = ep.dispatch(x, idx, Some(weights), scales)?;
+        let (out, handle) = ep.dispatch(x.view(), idx.view(), Some(weights.view()), scales)?;
         ep.synchronize()?;
         let dispatch_time = start.elapsed();
 
         // The identity expert: y = the received tokens, in the combine dtype (untimed).
-        let widened = widen_for_combine(&out, plan)?;
-        let widened_on_device = widened
-            .as_ref()
-            .map(|bytes| {
-                let rows = bytes.len() / (h * plan.config.combine_dtype().size());
-                ep.to_device(TensorRef::from_bytes(
-                    bytes,
+        let widened = match plan.shape.dtype == plan.config.combine_dtype() {
+            true => None,
+            false => {
+                let rows = out.valid_rows()?;
+                let host = out.x.to_host()?;
+                let bytes = payload_in_combine_dtype(&host.host_bytes()[..rows * h], plan);
+                Some(ep.to_device(TensorRef::from_bytes(
+                    &bytes,
                     &[rows, h],
                     plan.config.combine_dtype(),
-                )?)
-            })
-            .transpose()?;
-        let y = match &widened_on_device {
-            Some(t) => t.view(),
-            None => out.x.view(),
+                )?)?)
+            }
         };
-        start_together.wait();
+        let y = widened.as_ref().map_or_else(|| out.x.view(), |w| w.view());
+        ep.all_gather_host(Vec::new())?;
         let start = Instant::now();
         let combined = ep.combine(&handle, y, None)?;
         ep.synchronize()?;
@@ -340,51 +454,30 @@ fn rank_iterations(
         if let Some(p) = progress {
             p.inc(1);
         }
-        // Kept where they are; read back to the host once, after the timed iterations.
-        last = Some(LastOutputs {
-            dispatch: out,
-            combine: combined,
-            y: widened,
-        });
+        last = Some((out, combined));
     }
-    let last = last.expect("at least one iteration");
-    let last = LastOutputs {
-        dispatch: last.dispatch.to_host()?,
-        combine: last.combine.to_host()?,
-        y: last.y,
-    };
+    // Read back to the host once, after the timed iterations.
+    let (out, combined) = last.expect("at least one iteration");
     Ok(RankRun {
         dispatch_us,
         combine_us,
-        last,
+        last: LastOutputs {
+            dispatch: out.to_host()?,
+            combine: combined.to_host()?,
+        },
     })
 }
 
-/// When the payload dtype is not the combine dtype (fp8), the valid rows widened exactly to it.
-fn widen_for_combine(out: &moe_ep::DispatchOutput, plan: &Plan) -> moe_ep::Result<Option<Vec<u8>>> {
+/// Payload rows turned into the combine dtype: as they are, or fp8 widened exactly to bf16.
+fn payload_in_combine_dtype(x: &[u8], plan: &Plan) -> Vec<u8> {
     if plan.shape.dtype == plan.config.combine_dtype() {
-        return Ok(None);
+        return x.to_vec();
     }
     debug_assert_eq!(plan.shape.dtype, DType::Fp8E4M3);
     debug_assert_eq!(plan.config.combine_dtype(), DType::BF16);
-    let n = out.valid_rows()? * plan.shape.hidden;
-    let x = out.x.to_host()?;
-    let mut y = Vec::with_capacity(n * 2);
-    for &b in &x.host_bytes()[..n] {
-        y.extend_from_slice(&bf16::from_f32(workload::fp8_e4m3_to_f32(b)).to_le_bytes());
-    }
-    Ok(Some(y))
-}
-
-/// Ranks sharing a GPU need a hardware queue each (see `Group::cuda_local`); give them enough
-/// when the user did not choose. Runs on the main thread before any CUDA context exists.
-fn share_gpus_safely(ranks_per_gpu: usize) {
-    if ranks_per_gpu > 1 && std::env::var_os("CUDA_DEVICE_MAX_CONNECTIONS").is_none() {
-        std::env::set_var(
-            "CUDA_DEVICE_MAX_CONNECTIONS",
-            (4 * ranks_per_gpu).max(8).to_string(),
-        );
-    }
+    x.iter()
+        .flat_map(|&b| bf16::from_f32(workload::fp8_e4m3_to_f32(b)).to_le_bytes())
+        .collect()
 }
 
 /// The backend to run: the best available one this binary can drive, or the requested one with
@@ -438,5 +531,16 @@ pub fn flag_error(e: EpError) -> String {
     match flag {
         Some(f) => format!("{f}: {e}"),
         None => e.to_string(),
+    }
+}
+
+/// Ranks sharing a GPU need a hardware queue each (see `Group::cuda_local`); give them enough
+/// when the user did not choose. Runs on the main thread before any CUDA context exists.
+fn share_gpus_safely(ranks_per_gpu: usize) {
+    if ranks_per_gpu > 1 && std::env::var_os("CUDA_DEVICE_MAX_CONNECTIONS").is_none() {
+        std::env::set_var(
+            "CUDA_DEVICE_MAX_CONNECTIONS",
+            (4 * ranks_per_gpu).max(8).to_string(),
+        );
     }
 }

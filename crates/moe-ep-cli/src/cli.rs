@@ -101,6 +101,12 @@ pub struct BenchArgs {
 
     /// Testing aid: flips one bit of the last rank's last combine output before the check, to
     /// exercise the failure path.
+    /// How ranks run: `processes`, one per GPU, started by this command (or joining a
+    /// torchrun-style launch when RANK is set); `threads`, in this process. Default: processes
+    /// for the cuda backend, threads for the cpu backend (which has only threads).
+    #[arg(long, value_enum)]
+    pub launch: Option<LaunchChoice>,
+
     #[arg(long, hide = true)]
     pub inject_mismatch: bool,
 }
@@ -108,6 +114,12 @@ pub struct BenchArgs {
 /// The `--tokens` list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenList(pub Vec<usize>);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LaunchChoice {
+    Threads,
+    Processes,
+}
 
 /// Payload types dispatch accepts.
 const DTYPES: &str = "bf16, f16, f32 or fp8_e4m3";

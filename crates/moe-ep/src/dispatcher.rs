@@ -100,6 +100,14 @@ impl Dispatcher {
         self.backend.device()
     }
 
+    /// Every rank's `bytes`, indexed by rank: a collective on the host, through the group's control
+    /// plane (shared memory for ranks in one process, TCP for processes). For coordinating host
+    /// work (barriers, gathering results), not for data: it never touches a device.
+    pub fn all_gather_host(&mut self, bytes: Vec<u8>) -> Result<Vec<Vec<u8>>> {
+        self.check_usable()?;
+        self.run(|b| b.all_gather_host(bytes))
+    }
+
     /// The raw `CUstream` this dispatcher's calls run on (CUDA backend; `None` on the CPU). Calls
     /// are asynchronous on it: order work that produces inputs or consumes outputs against it
     /// (enqueue it on this stream, e.g. as `torch.cuda.ExternalStream`, or with events).

@@ -64,3 +64,26 @@ fn token_major_round_trip() {
 fn expert_major_round_trip() {
     run(Layout::ExpertMajor { align: 4 });
 }
+
+#[test]
+fn all_gather_host_gives_every_rank_every_payload() {
+    let config = EpConfig::builder()
+        .num_experts(3)
+        .topk(1)
+        .hidden(1)
+        .max_tokens_per_rank(1)
+        .build()
+        .unwrap();
+    let groups = Group::cpu_world(3).unwrap();
+    std::thread::scope(|s| {
+        for group in groups {
+            let config = config.clone();
+            s.spawn(move || {
+                let mut ep = Dispatcher::new(&group, config).unwrap();
+                let r = group.rank() as u8;
+                let all = ep.all_gather_host(vec![r; r as usize + 1]).unwrap();
+                assert_eq!(all, vec![vec![0], vec![1, 1], vec![2, 2, 2]]);
+            });
+        }
+    });
+}

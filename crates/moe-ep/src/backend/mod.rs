@@ -93,6 +93,9 @@ pub(crate) trait Backend: Send {
     /// A copy of host data where this backend wants its inputs.
     fn to_device(&self, host: TensorRef<'_>) -> Result<Tensor>;
 
+    /// Every rank's `bytes`, indexed by rank, through the group's control plane (host memory).
+    fn all_gather_host(&mut self, bytes: Vec<u8>) -> Result<Vec<Vec<u8>>>;
+
     /// The raw CUDA stream this rank's calls run on (`None` on the CPU).
     fn cuda_stream(&self) -> Option<u64>;
 

@@ -21,6 +21,7 @@ pub(crate) enum Op {
     CombineBackward,
     CombineBackwardWeights,
     Drop,
+    Host,
 }
 
 impl Op {
@@ -34,6 +35,7 @@ impl Op {
             Op::CombineBackward => "combine_backward",
             Op::CombineBackwardWeights => "combine_backward (weights)",
             Op::Drop => "dropping the dispatcher",
+            Op::Host => "all_gather_host",
         }
     }
 }

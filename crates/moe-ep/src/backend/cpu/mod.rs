@@ -28,6 +28,8 @@ pub(crate) enum Message {
     Config(super::ConfigFields),
     /// One packet per peer rank, indexed by the rank it is for.
     Packets(Vec<Packet>),
+    /// `Dispatcher::all_gather_host`.
+    Bytes(Vec<u8>),
 }
 
 /// The meeting point of a CPU group's rank threads.
@@ -120,7 +122,7 @@ impl CpuBackend {
         let posts = backend.all_gather(Op::Create, Message::Config(mine.clone()))?;
         let all = posts.iter().map(|post| match post.as_ref() {
             Message::Config(theirs) => theirs,
-            Message::Packets(_) => unreachable!("Op::Create rounds carry configs"),
+            _ => unreachable!("Op::Create rounds carry configs"),
         });
         super::check_configs(rank, &mine, all)?;
         Ok(backend)
@@ -168,7 +170,7 @@ impl CpuBackend {
 fn packet_for(post: &Message, rank: usize) -> &Packet {
     match post {
         Message::Packets(p) => &p[rank],
-        Message::Config(_) => unreachable!("data rounds carry packets"),
+        _ => unreachable!("data rounds carry packets"),
     }
 }
 
@@ -212,6 +214,17 @@ impl Backend for CpuBackend {
 
     fn cuda_stream(&self) -> Option<u64> {
         None
+    }
+
+    fn all_gather_host(&mut self, bytes: Vec<u8>) -> Result<Vec<Vec<u8>>> {
+        let posts = self.all_gather(Op::Host, Message::Bytes(bytes))?;
+        Ok(posts
+            .iter()
+            .map(|p| match p.as_ref() {
+                Message::Bytes(b) => b.clone(),
+                _ => unreachable!("Op::Host rounds carry bytes"),
+            })
+            .collect())
     }
 
     fn begin_capture(&mut self) -> Result<()> {

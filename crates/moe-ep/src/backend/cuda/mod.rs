@@ -34,6 +34,8 @@ use std::sync::Arc;
 /// What CUDA ranks of one process exchange when a dispatcher is built.
 pub(crate) enum CudaMessage {
     Config(super::ConfigFields),
+    /// `Dispatcher::all_gather_host`.
+    Bytes(Vec<u8>),
     /// A rank's shared buffers. Every rank keeps every rank's buffers alive, so memory a peer may
     /// still write into is freed only once the whole group is gone.
     Buffers {
@@ -101,7 +103,7 @@ fn join_group(
             )?;
             let all = posts.iter().map(|p| match p.as_ref() {
                 CudaMessage::Config(f) => f,
-                CudaMessage::Buffers { .. } => unreachable!("the first round carries configs"),
+                _ => unreachable!("the first round carries configs"),
             });
             super::check_configs(rank, &mine, all)?;
             let message = CudaMessage::Buffers {
@@ -246,6 +248,8 @@ pub(crate) struct CudaBackend {
     /// u64 on the device: the number of the current call, advanced by each call's first kernel.
     epoch: StreamBuffer,
     blocks: u32,
+    /// Host rounds (`all_gather_host`) made so far.
+    host_rounds: u64,
 }
 
 fn i32_buffer(
@@ -330,6 +334,7 @@ impl CudaBackend {
             err,
             epoch,
             blocks,
+            host_rounds: 0,
         })
     }
 
@@ -712,6 +717,32 @@ impl Backend for CudaBackend {
 
     fn cuda_stream(&self) -> Option<u64> {
         Some(self.stream().cu_stream() as u64)
+    }
+
+    fn all_gather_host(&mut self, bytes: Vec<u8>) -> Result<Vec<Vec<u8>>> {
+        // Rounds 0 and 1 of the channel set the dispatcher up; host rounds follow in call order.
+        self.host_rounds += 1;
+        let key = (self.channel, 1 + self.host_rounds);
+        let timeout = self.config.timeout;
+        match &self.control {
+            ControlPlane::Local(exchange) => {
+                let posts = exchange.all_gather(
+                    self.rank,
+                    key,
+                    Op::Host,
+                    CudaMessage::Bytes(bytes),
+                    timeout,
+                )?;
+                Ok(posts
+                    .iter()
+                    .map(|p| match p.as_ref() {
+                        CudaMessage::Bytes(b) => b.clone(),
+                        _ => unreachable!("Op::Host rounds carry bytes"),
+                    })
+                    .collect())
+            }
+            ControlPlane::Tcp(tcp) => tcp.all_gather(key, Op::Host, bytes, timeout),
+        }
     }
 
     fn begin_capture(&mut self) -> Result<()> {
