@@ -100,6 +100,20 @@ impl Dispatcher {
         self.backend.device()
     }
 
+    /// Runs this dispatcher's later calls on the caller's stream (e.g. PyTorch's current stream,
+    /// `torch.cuda.current_stream().cuda_stream`), with their allocations and frees, so they are
+    /// ordered with the caller's own work on it. Waits for the work queued on the previous stream.
+    ///
+    /// # Safety
+    /// `stream` must be a `CUstream` of this dispatcher's GPU (its primary context, which the
+    /// frameworks use), and stay valid as long as this dispatcher, its handles and every tensor it
+    /// returns from now on live (their memory is freed on it).
+    pub unsafe fn set_cuda_stream(&mut self, stream: u64) -> Result<()> {
+        self.check_usable()?;
+        // SAFETY: the caller's contract above.
+        self.run(|b| unsafe { b.set_cuda_stream(stream) })
+    }
+
     /// Every rank's `bytes`, indexed by rank: a collective on the host, through the group's control
     /// plane (shared memory for ranks in one process, TCP for processes). For coordinating host
     /// work (barriers, gathering results), not for data: it never touches a device.

@@ -6,11 +6,11 @@ use crate::error::{EpError, Result};
 /// rank captures the same calls and replays its graph as often as the others, in the same order
 /// relative to its other calls: a replay is those calls again, collective as they were.
 pub struct Graph {
-    graph: cudarc::driver::CudaGraph,
+    graph: crate::ffi::cuda_stream::RecordedGraph,
 }
 
 impl Graph {
-    pub(crate) fn cuda(graph: cudarc::driver::CudaGraph) -> Self {
+    pub(crate) fn cuda(graph: crate::ffi::cuda_stream::RecordedGraph) -> Self {
         Graph { graph }
     }
 

@@ -2,11 +2,13 @@
 //! fresh random inputs, and a missing rank turning into a timeout error rather than a hang.
 //! Without a usable GPU each test says why it is skipped.
 
+use cudarc::driver::{CudaContext, CudaStream};
 use half::bf16;
-use moe_ep::{Dispatcher, EpConfig, EpError, Group, Layout, OutputSizing, TensorRef};
+use moe_ep::{Device, Dispatcher, EpConfig, EpError, Group, Layout, OutputSizing, TensorRef};
 use moe_ep_conformance::suite::{print_skip, run_ranks, BackendUnderTest, CpuBackend};
 use moe_ep_conformance::CudaLocal;
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::sync::Arc;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
@@ -47,8 +49,14 @@ fn random_inputs(seed: u64, world: usize, t: usize, h: usize, e: usize, k: usize
         .collect()
 }
 
-/// Every output of dispatch, combine and both backwards on one rank, as host bytes.
-fn run_rank(group: &Group, config: &EpConfig, data: &[RankData]) -> Result<Vec<Vec<u8>>, String> {
+/// Every output of dispatch, combine and both backwards on one rank, as host bytes. With
+/// `callers_stream`, the calls run on a stream this function makes, as a framework's would.
+fn run_rank_on(
+    group: &Group,
+    config: &EpConfig,
+    data: &[RankData],
+    callers_stream: bool,
+) -> Result<Vec<Vec<u8>>, String> {
     let (t, h, k) = (
         data[0].x.len() / config.hidden(),
         config.hidden(),
@@ -56,7 +64,26 @@ fn run_rank(group: &Group, config: &EpConfig, data: &[RankData]) -> Result<Vec<V
     );
     let d = &data[group.rank()];
     let err = |e: EpError| e.to_string();
+    // Declared before the dispatcher so that it is dropped after it (its memory is freed on it).
+    let stream: Arc<CudaStream>;
     let mut ep = Dispatcher::new(group, config.clone()).map_err(err)?;
+    if callers_stream {
+        let Device::Cuda(ordinal) = ep.device() else {
+            return Err("a CUDA dispatcher runs on a GPU".into());
+        };
+        let ctx = CudaContext::new(ordinal as usize).map_err(|e| format!("{e:?}"))?;
+        stream = ctx.new_stream().map_err(|e| format!("{e:?}"))?;
+        let raw = stream.cu_stream() as u64;
+        // SAFETY: a stream of this GPU's primary context, alive until after the dispatcher and
+        // every tensor it returns (they are all dropped inside this function, before `stream`).
+        unsafe { ep.set_cuda_stream(raw) }.map_err(err)?;
+        if ep.cuda_stream() != Some(raw) {
+            return Err(format!(
+                "cuda_stream(): expected the caller's {raw:#x}, got {:?}",
+                ep.cuda_stream()
+            ));
+        }
+    }
     let put = |v: TensorRef<'_>| ep.to_device(v).map_err(err);
     let x = put(TensorRef::new(&d.x, &[t, h]).map_err(err)?)?;
     let topk = put(TensorRef::new(&d.topk, &[t, k]).map_err(err)?)?;
@@ -82,6 +109,10 @@ fn run_rank(group: &Group, config: &EpConfig, data: &[RankData]) -> Result<Vec<V
         bytes(&grad.grad_x)?,
         bytes(&cb.grad_y)?[..rows * row_bytes].to_vec(),
     ])
+}
+
+fn run_rank(group: &Group, config: &EpConfig, data: &[RankData]) -> Result<Vec<Vec<u8>>, String> {
+    run_rank_on(group, config, data, false)
 }
 
 /// [`run_rank`] on every rank of a group of threads.
@@ -454,4 +485,44 @@ fn expert_ids_out_of_range_on_the_device_are_reported() {
     );
     assert_eq!(*after, Ok(()), "the dispatcher works on after the report");
     assert_eq!(results[1], (Ok(()), Ok(())), "rank 1 gave valid ids");
+}
+
+/// Calls made on the caller's stream (`Dispatcher::set_cuda_stream`) give, bit for bit, what the
+/// CPU backend computes.
+#[test]
+fn calls_on_the_callers_stream_match_cpu() {
+    let Some(cuda) = cuda_or_skip("calls_on_the_callers_stream_match_cpu") else {
+        return;
+    };
+    let (t, h, e, k) = SHAPE;
+    let data = random_inputs(7, 4, t, h, e, k);
+    for layout in LAYOUTS {
+        let config = config_for(layout, e, k, h, t);
+        let on_cpu = run_all(&CpuBackend, &config, &data);
+        let on_gpu = run_ranks(&cuda, 4, |g| run_rank_on(&g, &config, &data, true))
+            .expect("every rank succeeds");
+        for (rank, (c, g)) in on_cpu.iter().zip(&on_gpu).enumerate() {
+            for (name, (a, b)) in NAMES.iter().zip(c.iter().zip(g)) {
+                assert!(
+                    a == b,
+                    "{}, rank {rank}: {name} differs between cpu and cuda",
+                    layout.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_cpu_dispatcher_takes_no_cuda_stream() {
+    let config = config_for(Layout::TokenMajor, 4, 2, 8, 4);
+    let groups = Group::cpu_world(1).expect("one cpu rank");
+    let mut ep = Dispatcher::new(&groups[0], config).expect("a cpu dispatcher");
+    assert_eq!(ep.cuda_stream(), None);
+    // SAFETY: the CPU backend refuses before using the (meaningless) handle.
+    let err = unsafe { ep.set_cuda_stream(1) }.expect_err("the cpu backend has no streams");
+    assert!(
+        matches!(err, EpError::BackendUnavailable { backend: "cpu", .. }),
+        "{err}"
+    );
 }

@@ -99,6 +99,12 @@ pub(crate) trait Backend: Send {
     /// The raw CUDA stream this rank's calls run on (`None` on the CPU).
     fn cuda_stream(&self) -> Option<u64>;
 
+    /// Runs this rank's later calls on the caller's `CUstream`.
+    ///
+    /// # Safety
+    /// As [`crate::Dispatcher::set_cuda_stream`].
+    unsafe fn set_cuda_stream(&mut self, stream: u64) -> Result<()>;
+
     /// Starts recording this rank's work into a graph instead of running it.
     fn begin_capture(&mut self) -> Result<()>;
 

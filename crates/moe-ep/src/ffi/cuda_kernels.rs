@@ -4,7 +4,8 @@
 //! in moe_ep.cu states them; these functions are crate-internal for that reason.
 
 use super::cuda_memory::describe;
-use cudarc::driver::{result, CudaContext, CudaFunction, CudaModule, CudaStream};
+use super::cuda_stream::Stream;
+use cudarc::driver::{result, CudaContext, CudaFunction, CudaModule};
 use std::ffi::c_void;
 use std::sync::Arc;
 
@@ -131,7 +132,7 @@ pub(crate) struct Grid {
 }
 
 fn launch(
-    stream: &Arc<CudaStream>,
+    stream: &Stream,
     f: &CudaFunction,
     grid: Grid,
     mut args: Vec<Arg>,
@@ -152,7 +153,7 @@ fn launch(
             (grid.blocks, 1, 1),
             (grid.threads, 1, 1),
             0,
-            stream.cu_stream(),
+            stream.raw(),
             &mut params,
         )
     }
@@ -219,7 +220,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn route(
         &self,
-        s: &Arc<CudaStream>,
+        s: &Stream,
         dm: EpDims,
         topk: u64,
         idx64: bool,
@@ -249,7 +250,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn notify(
         &self,
-        s: &Arc<CudaStream>,
+        s: &Stream,
         peers: &EpPeers,
         dm: EpDims,
         counts: u64,
@@ -294,7 +295,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn dispatch_send(
         &self,
-        s: &Arc<CudaStream>,
+        s: &Stream,
         grid: Grid,
         peers: &EpPeers,
         dm: EpDims,
@@ -335,7 +336,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn signal_wait(
         &self,
-        s: &Arc<CudaStream>,
+        s: &Stream,
         peers: &EpPeers,
         dm: EpDims,
         sig: i32,
@@ -366,7 +367,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn layout_token_major(
         &self,
-        s: &Arc<CudaStream>,
+        s: &Stream,
         grid: Grid,
         dm: EpDims,
         stage_x: u64,
@@ -413,7 +414,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn layout_expert_major(
         &self,
-        s: &Arc<CudaStream>,
+        s: &Stream,
         dm: EpDims,
         stage_meta: u64,
         recv_base: u64,
@@ -458,7 +459,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn expand_rows(
         &self,
-        s: &Arc<CudaStream>,
+        s: &Stream,
         grid: Grid,
         dm: EpDims,
         stage_x: u64,
@@ -487,7 +488,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn combine_send(
         &self,
-        s: &Arc<CudaStream>,
+        s: &Stream,
         elem: Elem,
         grid: Grid,
         peers: &EpPeers,
@@ -537,7 +538,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn combine_reduce(
         &self,
-        s: &Arc<CudaStream>,
+        s: &Stream,
         elem: Elem,
         grid: Grid,
         dm: EpDims,
@@ -571,7 +572,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn combine_backward_expert(
         &self,
-        s: &Arc<CudaStream>,
+        s: &Stream,
         elem: Elem,
         grid: Grid,
         peers: &EpPeers,

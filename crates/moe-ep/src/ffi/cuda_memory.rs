@@ -1,7 +1,8 @@
 //! CUDA driver calls for memory, copies, peer access and modules (libcuda through cudarc's
 //! `result`/`sys` layers). Every type here owns what it allocated and frees it on drop.
 
-use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
+use super::cuda_stream::Stream;
+use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule, DriverError};
 use std::sync::Arc;
 
 /// A driver error as text, with what was being done.
@@ -126,12 +127,12 @@ impl Drop for SharedBuffer {
 pub(crate) struct StreamBuffer {
     ptr: sys::CUdeviceptr,
     bytes: usize,
-    stream: Arc<CudaStream>,
+    stream: Stream,
 }
 
 impl StreamBuffer {
     /// `bytes` bytes, every byte set to `fill`, ordered on `stream`.
-    pub(crate) fn filled(stream: &Arc<CudaStream>, bytes: usize, fill: u8) -> Result<Self, String> {
+    pub(crate) fn filled(stream: &Stream, bytes: usize, fill: u8) -> Result<Self, String> {
         stream
             .context()
             .bind_to_thread()
@@ -139,10 +140,10 @@ impl StreamBuffer {
         let bytes = bytes.max(1);
         // SAFETY: the stream belongs to the current context; the memory is owned by the returned
         // value and freed once, in Drop, on the same stream.
-        let ptr = unsafe { result::malloc_async(stream.cu_stream(), bytes) }
+        let ptr = unsafe { result::malloc_async(stream.raw(), bytes) }
             .map_err(|e| describe("cuMemAllocAsync", e))?;
         // SAFETY: `ptr` points to `bytes` bytes ordered on this stream.
-        unsafe { result::memset_d8_async(ptr, fill, bytes, stream.cu_stream()) }
+        unsafe { result::memset_d8_async(ptr, fill, bytes, stream.raw()) }
             .map_err(|e| describe("cuMemsetD8Async", e))?;
         Ok(StreamBuffer {
             ptr,
@@ -152,16 +153,14 @@ impl StreamBuffer {
     }
 
     /// A copy of host bytes.
-    pub(crate) fn from_host(stream: &Arc<CudaStream>, data: &[u8]) -> Result<Self, String> {
+    pub(crate) fn from_host(stream: &Stream, data: &[u8]) -> Result<Self, String> {
         let buf = StreamBuffer::filled(stream, data.len(), 0)?;
         if !data.is_empty() {
             // SAFETY: the destination holds at least data.len() bytes; the source slice outlives
             // the copy because the stream is synchronized before returning.
-            unsafe { result::memcpy_htod_async(buf.ptr, data, stream.cu_stream()) }
+            unsafe { result::memcpy_htod_async(buf.ptr, data, stream.raw()) }
                 .map_err(|e| describe("cuMemcpyHtoDAsync", e))?;
-            stream
-                .synchronize()
-                .map_err(|e| describe("cuStreamSynchronize", e))?;
+            stream.synchronize()?;
         }
         Ok(buf)
     }
@@ -175,7 +174,7 @@ impl StreamBuffer {
     }
 
     pub(crate) fn ordinal(&self) -> u32 {
-        self.stream.context().ordinal() as u32
+        self.stream.ordinal()
     }
 
     /// Copies the first `out.len()` bytes to the host, waiting for the stream.
@@ -194,11 +193,9 @@ impl StreamBuffer {
             .map_err(|e| describe("binding the context", e))?;
         // SAFETY: the destination holds at least data.len() bytes (checked); the source slice
         // outlives the copy because the stream is synchronized before returning.
-        unsafe { result::memcpy_htod_async(self.ptr, data, self.stream.cu_stream()) }
+        unsafe { result::memcpy_htod_async(self.ptr, data, self.stream.raw()) }
             .map_err(|e| describe("cuMemcpyHtoDAsync", e))?;
-        self.stream
-            .synchronize()
-            .map_err(|e| describe("cuStreamSynchronize", e))
+        self.stream.synchronize()
     }
 
     /// Copies `bytes` bytes from device address `src` on this buffer's stream (asynchronous, so
@@ -212,7 +209,7 @@ impl StreamBuffer {
         }
         // SAFETY: the destination holds at least `bytes` bytes (checked); the caller passes a
         // source of at least `bytes` bytes that stays alive until the stream has run the copy.
-        unsafe { result::memcpy_dtod_async(self.ptr, src, bytes, self.stream.cu_stream()) }
+        unsafe { result::memcpy_dtod_async(self.ptr, src, bytes, self.stream.raw()) }
             .map_err(|e| describe("cuMemcpyDtoDAsync", e))
     }
 }
@@ -222,33 +219,25 @@ impl Drop for StreamBuffer {
         if self.stream.context().bind_to_thread().is_ok() {
             // SAFETY: allocated with cuMemAllocAsync on this stream and freed only here; work
             // queued on the stream before this point still sees the memory.
-            let _ = unsafe { result::free_async(self.ptr, self.stream.cu_stream()) };
+            let _ = unsafe { result::free_async(self.ptr, self.stream.raw()) };
         }
     }
 }
 
 /// Copies `out.len()` bytes from device address `ptr` to the host once `stream`'s work is done.
-pub(crate) fn read_device(
-    stream: &Arc<CudaStream>,
-    ptr: u64,
-    out: &mut [u8],
-) -> Result<(), String> {
+pub(crate) fn read_device(stream: &Stream, ptr: u64, out: &mut [u8]) -> Result<(), String> {
     stream
         .context()
         .bind_to_thread()
         .map_err(|e| describe("binding the context", e))?;
     if out.is_empty() {
-        return stream
-            .synchronize()
-            .map_err(|e| describe("cuStreamSynchronize", e));
+        return stream.synchronize();
     }
     // SAFETY: callers pass an address holding at least out.len() bytes on this stream's device;
     // the stream is synchronized before `out` is used.
-    unsafe { result::memcpy_dtoh_async(out, ptr, stream.cu_stream()) }
+    unsafe { result::memcpy_dtoh_async(out, ptr, stream.raw()) }
         .map_err(|e| describe("cuMemcpyDtoHAsync", e))?;
-    stream
-        .synchronize()
-        .map_err(|e| describe("cuStreamSynchronize", e))
+    stream.synchronize()
 }
 
 /// Lets `ctx`'s device read and write memory of `peer`'s device (a no-op for the same device).

@@ -3,3 +3,4 @@
 pub(crate) mod cuda_driver;
 pub(crate) mod cuda_kernels;
 pub(crate) mod cuda_memory;
+pub(crate) mod cuda_stream;

@@ -227,6 +227,13 @@ impl Backend for CpuBackend {
             .collect())
     }
 
+    unsafe fn set_cuda_stream(&mut self, _stream: u64) -> Result<()> {
+        Err(EpError::BackendUnavailable {
+            backend: "cpu",
+            reason: "CUDA streams order GPU work; use the cuda backend".into(),
+        })
+    }
+
     fn begin_capture(&mut self) -> Result<()> {
         Err(EpError::BackendUnavailable {
             backend: "cpu",

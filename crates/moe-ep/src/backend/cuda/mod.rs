@@ -20,6 +20,7 @@ use crate::ffi::cuda_kernels::{
     SIDE_ROW_K, SIDE_ROW_K_OWNED, SIG_DATA, SIG_DATA2, SIG_ENTER,
 };
 use crate::ffi::cuda_memory::{self as mem, PeerMapping, StreamBuffer, IPC_HANDLE_BYTES};
+use crate::ffi::cuda_stream::Stream;
 use crate::handle::HandleInner;
 use crate::output::{
     CachedDispatchOutput, CombineBackwardOutput, CombineOutput, DispatchBackwardOutput,
@@ -28,7 +29,7 @@ use crate::output::{
 use crate::placement::Placement;
 use crate::tensor::{Device, Tensor, TensorRef};
 use buffers::SharedBuffers;
-use cudarc::driver::{CudaContext, CudaStream};
+use cudarc::driver::CudaContext;
 use std::sync::Arc;
 
 /// What CUDA ranks of one process exchange when a dispatcher is built.
@@ -157,10 +158,10 @@ fn join_group(
     Ok(out)
 }
 
-/// A rank's device: its context and the stream its calls run on.
+/// A rank's device: its context and the stream its dispatchers start on.
 pub(crate) struct CudaRank {
     pub(crate) ctx: Arc<CudaContext>,
-    pub(crate) stream: Arc<CudaStream>,
+    pub(crate) stream: Stream,
 }
 
 impl CudaRank {
@@ -176,7 +177,10 @@ impl CudaRank {
             .new_stream()
             .map_err(|e| unavailable(mem::describe("creating a stream", e)))?;
         mem::keep_pool_memory(&ctx).map_err(unavailable)?;
-        Ok(CudaRank { ctx, stream })
+        Ok(CudaRank {
+            ctx,
+            stream: Stream::owned(stream),
+        })
     }
 }
 
@@ -250,12 +254,11 @@ pub(crate) struct CudaBackend {
     blocks: u32,
     /// Host rounds (`all_gather_host`) made so far.
     host_rounds: u64,
+    /// Where this dispatcher's calls run: the rank's stream, or one the caller set.
+    stream: Stream,
 }
 
-fn i32_buffer(
-    stream: &Arc<CudaStream>,
-    values: impl IntoIterator<Item = usize>,
-) -> Result<StreamBuffer> {
+fn i32_buffer(stream: &Stream, values: impl IntoIterator<Item = usize>) -> Result<StreamBuffer> {
     let v: Vec<i32> = values.into_iter().map(i32_of).collect();
     StreamBuffer::from_host(stream, bytemuck::cast_slice(&v)).map_err(device_error)
 }
@@ -285,7 +288,8 @@ impl CudaBackend {
             ),
         })?;
         let kernels = Kernels::load(&device.ctx, fatbin).map_err(device_error)?;
-        let s = &device.stream;
+        let stream = device.stream.clone();
+        let s = &stream;
         let capacity_rows: Vec<usize> = (0..world)
             .map(|d| {
                 config
@@ -312,8 +316,7 @@ impl CudaBackend {
             )
             .map_err(|e| device_error(mem::describe("reading the SM count", e)))?;
         let blocks = config.num_sms.unwrap_or(sms as u32).max(1);
-        s.synchronize()
-            .map_err(|e| device_error(mem::describe("cuStreamSynchronize", e)))?;
+        s.synchronize().map_err(device_error)?;
         Ok(CudaBackend {
             rank,
             world,
@@ -335,11 +338,12 @@ impl CudaBackend {
             epoch,
             blocks,
             host_rounds: 0,
+            stream,
         })
     }
 
-    fn stream(&self) -> &Arc<CudaStream> {
-        &self.device.stream
+    fn stream(&self) -> &Stream {
+        &self.stream
     }
 
     fn ordinal(&self) -> u32 {
@@ -663,7 +667,7 @@ impl Drop for CudaBackend {
     fn drop(&mut self) {
         // Work still queued on this rank's stream reads and writes the group's buffers; let it
         // finish (every wait in it is bounded by the timeout) before they may be freed.
-        let _ = self.device.stream.synchronize();
+        let _ = self.stream.synchronize();
         let ControlPlane::Tcp(tcp) = &self.control else {
             return; // local groups free buffers when the last rank lets go of them
         };
@@ -716,7 +720,7 @@ impl Backend for CudaBackend {
     }
 
     fn cuda_stream(&self) -> Option<u64> {
-        Some(self.stream().cu_stream() as u64)
+        Some(self.stream.handle())
     }
 
     fn all_gather_host(&mut self, bytes: Vec<u8>) -> Result<Vec<Vec<u8>>> {
@@ -745,19 +749,24 @@ impl Backend for CudaBackend {
         }
     }
 
+    unsafe fn set_cuda_stream(&mut self, stream: u64) -> Result<()> {
+        // Work queued on the old stream must not overlap the new stream's.
+        self.stream.synchronize().map_err(device_error)?;
+        // SAFETY: the caller's contract (Dispatcher::set_cuda_stream) is Stream::borrowed's.
+        self.stream = unsafe { Stream::borrowed(stream, self.device.ctx.clone()) };
+        Ok(())
+    }
+
     fn begin_capture(&mut self) -> Result<()> {
-        // Thread-local: the other ranks' threads keep making CUDA calls of their own meanwhile.
-        self.stream()
-            .begin_capture(
-                cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
-            )
+        self.stream
+            .begin_capture()
             .map_err(|e| device_error(mem::describe("cuStreamBeginCapture", e)))
     }
 
     fn end_capture(&mut self) -> Result<crate::graph::Graph> {
         let graph = self
-            .stream()
-            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)
+            .stream
+            .end_capture()
             .map_err(|e| device_error(mem::describe("cuStreamEndCapture", e)))?
             .ok_or_else(|| device_error("the capture recorded no work".into()))?;
         Ok(crate::graph::Graph::cuda(graph))
