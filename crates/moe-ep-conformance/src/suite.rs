@@ -74,6 +74,23 @@ impl CudaLocal {
         if devices.is_empty() {
             return Err("no CUDA device".into());
         }
+        // The suite's largest world (8) shares GPUs unless there are 8 of them, and moe-ep refuses
+        // to put ranks on one GPU without a hardware queue each (see Group::cuda_local).
+        let mut distinct = devices.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let per_gpu = 8usize.div_ceil(distinct.len());
+        let queues: usize = std::env::var("CUDA_DEVICE_MAX_CONNECTIONS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(8);
+        if per_gpu > 1 && queues < 2 * per_gpu {
+            return Err(format!(
+                "up to {per_gpu} ranks share a GPU here: set CUDA_DEVICE_MAX_CONNECTIONS >= {} \
+                 (scripts/gpu-suite.sh sets 32)",
+                2 * per_gpu
+            ));
+        }
         Ok(CudaLocal { devices })
     }
 }
