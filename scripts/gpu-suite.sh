@@ -46,7 +46,7 @@ step() {
     local summary
     summary="$(grep -E '^test result:' "$log" | tail -n 1 | sed -E 's/^test result: //; s/; 0 measured.*//')"
     local skipped
-    skipped="$(grep -c '^SKIPPED' "$log")"
+    skipped="$(grep -o 'SKIPPED [A-Za-z0-9_]*:' "$log" | wc -l)"
     [ "$skipped" != 0 ] && summary="$summary; $skipped SKIPPED ($(grep -m1 '^SKIPPED' "$log" | cut -c1-60))"
     [ -z "$summary" ] && summary="$(tail -n 1 "$log" | cut -c1-90)"
     local verdict=PASS
