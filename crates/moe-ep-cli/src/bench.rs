@@ -4,7 +4,7 @@
 //! [`rank_main`]; rank 0 gathers the timings and checks and prints the table.
 
 use crate::check::{self, LastOutputs};
-use crate::cli::{BackendChoice, BenchArgs, LaunchChoice, LayoutChoice};
+use crate::cli::{BackendChoice, BenchArgs, LaunchChoice, LayoutChoice, RoutingChoice};
 use crate::report::{self, ConfigReport, Report, Stats, TokensResult};
 use crate::workload::{self, RankData, Shape};
 use half::bf16;
@@ -203,7 +203,8 @@ fn rank_main(
         let TokensWork { work, expected } = match shared {
             Some(all) => &all[i],
             None => {
-                let work = workload::generate(&mut rng, &plan.shape, &plan.placement, t);
+                let work =
+                    workload::generate(&mut rng, &plan.shape, &plan.placement, t, &plan.routing);
                 drawn = TokensWork::new(work, plan);
                 &drawn
             }
@@ -281,6 +282,7 @@ struct Plan {
     shape: Shape,
     align: Option<usize>,
     tokens: Vec<usize>,
+    routing: workload::Routing,
     warmup: usize,
     iters: usize,
     seed: u64,
@@ -312,7 +314,37 @@ impl Plan {
                 (Layout::ExpertMajor { align }, Some(align))
             }
         };
-        let tokens = args.tokens.0.clone();
+        let shape_for_trace = Shape {
+            world,
+            hidden,
+            num_experts,
+            topk,
+            dtype: args.dtype,
+            scale_columns: 0,
+        };
+        let (routing, tokens) = match (&args.routing, &args.tokens) {
+            (RoutingChoice::Trace(_), Some(_)) => {
+                return Err(
+                    "--tokens: a routing trace fixes each rank's T; leave --tokens out".into(),
+                )
+            }
+            (RoutingChoice::Trace(path), None) => {
+                let trace = workload::load_trace(path, &shape_for_trace)?;
+                let t = trace.iter().map(|r| r.len() / topk).max().unwrap_or(0);
+                (workload::Routing::Trace(trace), vec![t])
+            }
+            (choice, tokens) => (
+                match choice {
+                    RoutingChoice::Zipf => workload::Routing::Zipf {
+                        exponent: args.zipf_exponent,
+                    },
+                    _ => workload::Routing::Uniform,
+                },
+                tokens
+                    .as_ref()
+                    .map_or(vec![1, 128, 512, 4096], |t| t.0.clone()),
+            ),
+        };
         let max_tokens = tokens.iter().copied().max().unwrap_or(0).max(1);
         // fp8 payloads carry per-token block scales, one f32 per 128 columns (as DeepEP does).
         let scale_columns = match args.dtype {
@@ -345,6 +377,7 @@ impl Plan {
             placement,
             align,
             tokens,
+            routing,
             warmup: args.warmup as usize,
             iters: args.iters as usize,
             seed: args.seed,
@@ -359,7 +392,7 @@ impl Plan {
             .iter()
             .map(|&t| {
                 TokensWork::new(
-                    workload::generate(&mut rng, &self.shape, &self.placement, t),
+                    workload::generate(&mut rng, &self.shape, &self.placement, t, &self.routing),
                     self,
                 )
             })
@@ -381,6 +414,11 @@ impl Plan {
             placement: "contiguous".into(),
             max_tokens_per_rank: self.config.max_tokens_per_rank(),
             tokens: self.tokens.clone(),
+            routing: match &self.routing {
+                workload::Routing::Uniform => "uniform".into(),
+                workload::Routing::Zipf { exponent } => format!("zipf (exponent {exponent})"),
+                workload::Routing::Trace(_) => "trace".into(),
+            },
             warmup: self.warmup,
             iters: self.iters,
             seed: self.seed,

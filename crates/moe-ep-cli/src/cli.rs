@@ -71,9 +71,21 @@ pub struct BenchArgs {
     #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
     pub dtype: DType,
 
-    /// Comma-separated tokens per rank T to run, e.g. 1,128,512,4096 (0 allowed).
-    #[arg(long, default_value = "1,128,512,4096", value_parser = parse_tokens)]
-    pub tokens: TokenList,
+    /// Comma-separated tokens per rank T to run, e.g. 1,128,512,4096 (0 allowed) [default:
+    /// 1,128,512,4096; a routing trace fixes T itself].
+    #[arg(long, value_parser = parse_tokens)]
+    pub tokens: Option<TokenList>,
+
+    /// How tokens choose experts: `uniform` (K distinct experts, uniformly), `zipf` (skewed:
+    /// popularity 1/rank^s over a seeded shuffle of the experts, see --zipf-exponent), or a
+    /// safetensors file with one `[T, K]` i32/i64 tensor of expert ids per rank, named rank0,
+    /// rank1, ... (a recorded trace; its T replaces --tokens).
+    #[arg(long, default_value = "uniform", value_parser = parse_routing)]
+    pub routing: RoutingChoice,
+
+    /// The Zipf exponent s of `--routing zipf` (larger is more skewed).
+    #[arg(long, default_value_t = 1.2, value_parser = parse_exponent, allow_hyphen_values = true)]
+    pub zipf_exponent: f64,
 
     /// Dispatch output layout.
     #[arg(long, value_enum, default_value_t = LayoutChoice::TokenMajor)]
@@ -109,6 +121,32 @@ pub struct BenchArgs {
 
     #[arg(long, hide = true)]
     pub inject_mismatch: bool,
+}
+
+/// The `--routing` choice.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RoutingChoice {
+    Uniform,
+    Zipf,
+    Trace(PathBuf),
+}
+
+fn parse_routing(s: &str) -> Result<RoutingChoice, String> {
+    match s {
+        "uniform" => Ok(RoutingChoice::Uniform),
+        "zipf" => Ok(RoutingChoice::Zipf),
+        path if path.ends_with(".safetensors") => Ok(RoutingChoice::Trace(PathBuf::from(path))),
+        other => Err(format!(
+            "expected uniform, zipf or a FILE.safetensors routing trace, got `{other}`"
+        )),
+    }
+}
+
+fn parse_exponent(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("expected a positive number, got `{s}`")),
+    }
 }
 
 /// The `--tokens` list.

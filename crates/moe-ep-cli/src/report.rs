@@ -28,6 +28,8 @@ pub struct ConfigReport {
     pub placement: String,
     pub max_tokens_per_rank: usize,
     pub tokens: Vec<usize>,
+    /// uniform, zipf (exponent s), or trace.
+    pub routing: String,
     pub warmup: usize,
     pub iters: usize,
     pub seed: u64,
@@ -102,8 +104,8 @@ pub fn header(c: &ConfigReport) -> String {
         format!("{} (combine {})", c.dtype, c.combine_dtype)
     };
     format!(
-        "moe-ep bench: backend {}, world {}, H {}, E {}, K {}, dtype {dtype}, layout {layout}; median of {} iterations after {} warmup",
-        c.backend, c.world, c.hidden, c.num_experts, c.topk, c.iters, c.warmup
+        "moe-ep bench: backend {}, world {}, H {}, E {}, K {}, dtype {dtype}, layout {layout}, routing {}; median of {} iterations after {} warmup",
+        c.backend, c.world, c.hidden, c.num_experts, c.topk, c.routing, c.iters, c.warmup
     )
 }
 

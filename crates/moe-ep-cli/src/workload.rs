@@ -40,13 +40,58 @@ pub struct Workload {
     pub remote_rows: usize,
 }
 
-/// Fresh random inputs for every rank, `t` tokens each.
-pub fn generate(rng: &mut StdRng, shape: &Shape, placement: &Placement, t: usize) -> Workload {
+/// How tokens choose their experts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Routing {
+    /// K distinct experts, uniformly.
+    Uniform,
+    /// K distinct experts with popularity falling as 1 / rank^exponent (Zipf) over a seeded
+    /// shuffle of the expert ids, so the hot experts are spread over the ranks.
+    Zipf { exponent: f64 },
+    /// A recorded trace: each rank's `[T, K]` expert ids (see [`load_trace`]).
+    Trace(Vec<Vec<i32>>),
+}
+
+/// Fresh random inputs for every rank, `t` tokens each (a trace fixes each rank's T itself).
+pub fn generate(
+    rng: &mut StdRng,
+    shape: &Shape,
+    placement: &Placement,
+    t: usize,
+    routing: &Routing,
+) -> Workload {
+    let (e, k) = (shape.num_experts, shape.topk);
+    // Zipf popularity: the expert at popularity rank i has weight 1 / (i + 1)^s.
+    let zipf_weights = match routing {
+        Routing::Zipf { exponent } => {
+            let mut order: Vec<usize> = (0..e).collect();
+            for i in (1..e).rev() {
+                order.swap(i, rng.random_range(0..=i));
+            }
+            let mut w = vec![0f64; e];
+            for (rank, &expert) in order.iter().enumerate() {
+                w[expert] = 1.0 / ((rank + 1) as f64).powf(*exponent);
+            }
+            Some(w)
+        }
+        _ => None,
+    };
     let ranks: Vec<RankData> = (0..shape.world)
-        .map(|_| RankData {
+        .map(|r| {
+            let topk_idx = match (routing, &zipf_weights) {
+                (Routing::Trace(per_rank), _) => per_rank[r].clone(),
+                (_, Some(w)) => weighted_routing(rng, t, w, k),
+                _ => random_routing(rng, t, e, k),
+            };
+            let t = topk_idx.len() / k.max(1);
+            (t, topk_idx)
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|(t, topk_idx)| RankData {
             num_tokens: t,
             x: random_payload(rng, shape.dtype, t * shape.hidden),
-            topk_idx: random_routing(rng, t, shape.num_experts, shape.topk),
+            topk_idx,
             weights: random_weights(rng, t, shape.topk),
             scales: (shape.scale_columns > 0).then(|| {
                 (0..t * shape.scale_columns)
@@ -83,6 +128,84 @@ pub fn remote_rows_of(src: usize, topk_idx: &[i32], k: usize, placement: &Placem
         }
     }
     rows
+}
+
+/// `t` rows of `k` distinct experts drawn with probabilities proportional to `weights` (one per
+/// expert), without replacement: the `k` largest keys `u^(1/w)` (Efraimidis-Spirakis).
+pub fn weighted_routing(rng: &mut StdRng, t: usize, weights: &[f64], k: usize) -> Vec<i32> {
+    let mut keys: Vec<(f64, i32)> = Vec::with_capacity(weights.len());
+    let mut idx = Vec::with_capacity(t * k);
+    for _ in 0..t {
+        keys.clear();
+        keys.extend(weights.iter().enumerate().map(|(e, &w)| {
+            let u: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
+            (u.powf(1.0 / w), e as i32)
+        }));
+        keys.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0));
+        idx.extend(keys[..k].iter().map(|&(_, e)| e));
+    }
+    idx
+}
+
+/// A routing trace from a safetensors file: tensors `rank0`, `rank1`, ... (one per rank), each
+/// `[T, K]` i32 or i64 expert ids in `[0, num_experts)` or -1. T may differ between ranks.
+pub fn load_trace(path: &std::path::Path, shape: &Shape) -> Result<Vec<Vec<i32>>, String> {
+    use safetensors::{Dtype, SafeTensors};
+    let what = |m: String| format!("--routing {}: {m}", path.display());
+    let bytes = std::fs::read(path).map_err(|e| what(e.to_string()))?;
+    let file = SafeTensors::deserialize(&bytes)
+        .map_err(|e| what(format!("not a safetensors file: {e}")))?;
+    (0..shape.world)
+        .map(|r| {
+            let name = format!("rank{r}");
+            let t = file.tensor(&name).map_err(|_| {
+                what(format!(
+                    "expected a tensor `{name}` (one per rank, world {}), found {:?}",
+                    shape.world,
+                    file.names()
+                ))
+            })?;
+            let dims = t.shape();
+            if dims.len() != 2 || dims[1] != shape.topk {
+                return Err(what(format!(
+                    "`{name}`: expected shape [T, {}] (--topk), got {dims:?}",
+                    shape.topk
+                )));
+            }
+            let ids: Vec<i64> = match t.dtype() {
+                Dtype::I32 => t
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as i64)
+                    .collect(),
+                Dtype::I64 => t
+                    .data()
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect(),
+                other => {
+                    return Err(what(format!(
+                        "`{name}`: expected dtype I32 or I64, got {other:?}"
+                    )))
+                }
+            };
+            ids.iter()
+                .enumerate()
+                .map(|(i, &e)| {
+                    if e == -1 || (0..shape.num_experts as i64).contains(&e) {
+                        Ok(e as i32)
+                    } else {
+                        Err(what(format!(
+                            "`{name}`[{}, {}]: expected an expert id in [0, {}) or -1, got {e}",
+                            i / shape.topk,
+                            i % shape.topk,
+                            shape.num_experts
+                        )))
+                    }
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// `t` rows of `k` distinct experts drawn uniformly from `[0, e)` (needs `k <= e`).
@@ -250,5 +373,37 @@ mod tests {
         let idx = [0, 1, 1, 2, 3, 2];
         assert_eq!(remote_rows_of(0, &idx, 2, &p), 2);
         assert_eq!(remote_rows_of(1, &idx, 2, &p), 2);
+    }
+}
+
+#[cfg(test)]
+mod routing_tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn zipf_routing_is_skewed_and_rows_stay_distinct() {
+        let (t, e, k) = (4000, 64, 2);
+        let mut rng = StdRng::seed_from_u64(3);
+        let weights: Vec<f64> = (0..e).map(|i| 1.0 / ((i + 1) as f64).powf(1.2)).collect();
+        let idx = weighted_routing(&mut rng, t, &weights, k);
+        let mut counts = vec![0usize; e];
+        for row in idx.chunks_exact(k) {
+            assert_ne!(row[0], row[1], "a row repeats an expert");
+            for &x in row {
+                counts[x as usize] += 1;
+            }
+        }
+        let uniform = t * k / e;
+        assert!(
+            counts[0] > 4 * uniform,
+            "hottest expert {} vs uniform {uniform}",
+            counts[0]
+        );
+        assert!(
+            counts[e - 1] < uniform,
+            "coldest expert {} vs uniform {uniform}",
+            counts[e - 1]
+        );
     }
 }

@@ -233,3 +233,158 @@ fn readme_example_is_the_compiled_one() {
         "README.md's API example differs from crates/moe-ep-cli/examples/readme.rs"
     );
 }
+
+#[test]
+fn zipf_routing_runs_and_checks() {
+    let args = tiny_with(&["--routing", "zipf", "--zipf-exponent", "1.5"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = moe_ep(&args);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("routing zipf (exponent 1.5)"), "{stdout}");
+    for (t, check) in table_rows(&stdout) {
+        assert_eq!(check, "ok", "T={t}: {stdout}");
+    }
+}
+
+/// A routing trace: `rank0` i32 `[5, 2]` and `rank1` i64 `[3, 2]` with dropped slots.
+fn write_trace(path: &std::path::Path, rank1_name: &str, k: usize) {
+    use safetensors::{serialize_to_file, Dtype, View};
+    use std::borrow::Cow;
+    struct Ids {
+        dtype: Dtype,
+        shape: Vec<usize>,
+        bytes: Vec<u8>,
+    }
+    impl View for &Ids {
+        fn dtype(&self) -> Dtype {
+            self.dtype
+        }
+        fn shape(&self) -> &[usize] {
+            &self.shape
+        }
+        fn data(&self) -> Cow<'_, [u8]> {
+            Cow::Borrowed(&self.bytes)
+        }
+        fn data_len(&self) -> usize {
+            self.bytes.len()
+        }
+    }
+    let r0: Vec<i32> = vec![0, 7, 3, 4, -1, 5, 6, 1, 2, -1];
+    let r1: Vec<i64> = vec![7, 6, -1, -1, 0, 1];
+    let ids = [
+        Ids {
+            dtype: Dtype::I32,
+            shape: vec![r0.len() / k, k],
+            bytes: r0.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        },
+        Ids {
+            dtype: Dtype::I64,
+            shape: vec![r1.len() / k, k],
+            bytes: r1.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        },
+    ];
+    let tensors = [
+        ("rank0".to_string(), &ids[0]),
+        (rank1_name.to_string(), &ids[1]),
+    ];
+    serialize_to_file(tensors, None, path).expect("write the trace");
+}
+
+#[test]
+fn a_routing_trace_replaces_the_synthetic_routing() {
+    let dir = std::env::temp_dir().join(format!("moe-ep-trace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("trace.safetensors");
+    write_trace(&good, "rank1", 2);
+    let args = tiny_with(&["--routing", good.to_str().unwrap()]);
+    let args: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| *a != "--tokens" && *a != "0,1,7")
+        .collect();
+    let out = moe_ep(&args);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("routing trace"), "{stdout}");
+    assert_eq!(
+        table_rows(&stdout),
+        vec![("5".to_string(), "ok".to_string())],
+        "{stdout}"
+    );
+
+    // --tokens cannot be combined with a trace, which fixes T.
+    let with_tokens = tiny_with(&["--routing", good.to_str().unwrap()]);
+    let with_tokens: Vec<&str> = with_tokens.iter().map(String::as_str).collect();
+    let out = moe_ep(&with_tokens);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).1.contains("--tokens: a routing trace fixes"),
+        "{}",
+        text(&out).1
+    );
+
+    // A missing rank and a wrong K are named.
+    let missing = dir.join("missing.safetensors");
+    write_trace(&missing, "rank7", 2);
+    let args = [
+        "bench",
+        "--world",
+        "2",
+        "--hidden",
+        "64",
+        "--num-experts",
+        "8",
+        "--topk",
+        "2",
+        "--routing",
+        missing.to_str().unwrap(),
+    ];
+    let out = moe_ep(&args);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).1.contains("expected a tensor `rank1`"),
+        "{}",
+        text(&out).1
+    );
+    let args = [
+        "bench",
+        "--world",
+        "2",
+        "--hidden",
+        "64",
+        "--num-experts",
+        "8",
+        "--topk",
+        "1",
+        "--routing",
+        good.to_str().unwrap(),
+    ];
+    let out = moe_ep(&args);
+    assert!(!out.status.success());
+    assert!(
+        text(&out)
+            .1
+            .contains("`rank0`: expected shape [T, 1] (--topk), got [5, 2]"),
+        "{}",
+        text(&out).1
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_routing_values_name_the_flag() {
+    for (flag, value) in [
+        ("--routing", "skewed"),
+        ("--zipf-exponent", "0"),
+        ("--zipf-exponent", "-1"),
+    ] {
+        let out = moe_ep(&["bench", flag, value]);
+        assert!(!out.status.success(), "{flag} {value}");
+        assert!(
+            text(&out).1.contains(flag),
+            "{flag} {value}: {}",
+            text(&out).1
+        );
+    }
+}
