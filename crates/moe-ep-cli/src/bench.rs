@@ -82,6 +82,9 @@ fn publish(report: &Report, args: &BenchArgs) -> Result<ExitCode, String> {
     if let Some(path) = &args.json {
         report::write_json(path, report)?;
     }
+    if let Some(path) = &args.plot {
+        crate::plot::latency_svg(path, report)?;
+    }
     let failed: Vec<&TokensResult> = report.results.iter().filter(|r| !r.check_ok).collect();
     for r in &failed {
         eprintln!("error: check failed for T={}: {}", r.tokens, r.check);

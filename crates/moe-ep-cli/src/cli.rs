@@ -111,6 +111,10 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
 
+    /// Also draw median latency against T (log scales) into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+
     /// Testing aid: flips one bit of the last rank's last combine output before the check, to
     /// exercise the failure path.
     /// How ranks run: `processes`, one per GPU, started by this command (or joining a

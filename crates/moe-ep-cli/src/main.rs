@@ -4,6 +4,7 @@ mod bench;
 mod check;
 mod cli;
 mod info;
+mod plot;
 mod report;
 mod workload;
 

@@ -388,3 +388,27 @@ fn bad_routing_values_name_the_flag() {
         );
     }
 }
+
+#[test]
+fn plot_writes_an_svg_of_the_medians() {
+    let path = std::env::temp_dir().join(format!("moe-ep-plot-{}.svg", std::process::id()));
+    let args = tiny_with(&["--plot", path.to_str().unwrap()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = moe_ep(&args);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let svg = std::fs::read_to_string(&path).expect("the plot was written");
+    assert!(
+        svg.starts_with("<svg"),
+        "not an SVG: {}",
+        &svg[..svg.len().min(80)]
+    );
+    for label in [
+        "dispatch",
+        "combine",
+        "tokens per rank (T)",
+        "median time per call (us)",
+    ] {
+        assert!(svg.contains(label), "the plot has no `{label}`");
+    }
+    std::fs::remove_file(&path).ok();
+}
