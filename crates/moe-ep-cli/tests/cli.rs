@@ -291,6 +291,23 @@ fn write_trace(path: &std::path::Path, rank1_name: &str, k: usize) {
     serialize_to_file(tensors, None, path).expect("write the trace");
 }
 
+/// A world-2 bench of `trace` with `--topk k` (no `--tokens`: the trace fixes T).
+fn trace_bench(trace: &std::path::Path, k: &str) -> Output {
+    moe_ep(&[
+        "bench",
+        "--world",
+        "2",
+        "--hidden",
+        "64",
+        "--num-experts",
+        "8",
+        "--topk",
+        k,
+        "--routing",
+        trace.to_str().unwrap(),
+    ])
+}
+
 #[test]
 fn a_routing_trace_replaces_the_synthetic_routing() {
     let dir = std::env::temp_dir().join(format!("moe-ep-trace-{}", std::process::id()));
@@ -327,40 +344,14 @@ fn a_routing_trace_replaces_the_synthetic_routing() {
     // A missing rank and a wrong K are named.
     let missing = dir.join("missing.safetensors");
     write_trace(&missing, "rank7", 2);
-    let args = [
-        "bench",
-        "--world",
-        "2",
-        "--hidden",
-        "64",
-        "--num-experts",
-        "8",
-        "--topk",
-        "2",
-        "--routing",
-        missing.to_str().unwrap(),
-    ];
-    let out = moe_ep(&args);
+    let out = trace_bench(&missing, "2");
     assert!(!out.status.success());
     assert!(
         text(&out).1.contains("expected a tensor `rank1`"),
         "{}",
         text(&out).1
     );
-    let args = [
-        "bench",
-        "--world",
-        "2",
-        "--hidden",
-        "64",
-        "--num-experts",
-        "8",
-        "--topk",
-        "1",
-        "--routing",
-        good.to_str().unwrap(),
-    ];
-    let out = moe_ep(&args);
+    let out = trace_bench(&good, "1");
     assert!(!out.status.success());
     assert!(
         text(&out)
