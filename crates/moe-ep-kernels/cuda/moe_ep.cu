@@ -36,10 +36,17 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
     return t;
 }
 
-// This call's number. The first kernel of every call advances the rank's counter on the device
-// (ep_route, or ep_signal_wait with begin_call), so a replayed CUDA graph numbers its calls anew.
+// This call's number, the same on every rank. A call's first kernel (dm.begins_call) sees the
+// counter still at the previous call and adds one; its last block stores the new value (see
+// commit_call) once every block has read it, so every later kernel of the call reads it as is. The
+// counter lives on the device, so a replayed CUDA graph numbers its calls anew.
 __device__ __forceinline__ uint64_t call_epoch(const EpDims& dm) {
-    return *reinterpret_cast<const volatile uint64_t*>(dm.epoch_ptr);
+    return *reinterpret_cast<const volatile uint64_t*>(dm.epoch_ptr) + static_cast<uint64_t>(dm.begins_call);
+}
+
+// One thread of the first kernel's last block, after every block of it has read call_epoch.
+__device__ __forceinline__ void commit_call(const EpDims& dm) {
+    if (dm.begins_call) *reinterpret_cast<volatile uint64_t*>(dm.epoch_ptr) = call_epoch(dm);
 }
 
 __device__ __forceinline__ uint64_t* signal_slot(uint64_t base, int sig, int src) {
@@ -62,14 +69,24 @@ __device__ __forceinline__ bool failed(const int* err) {
     return code != 0 && code != EP_ERR_EXPERT_ID;
 }
 
-// Waits until this rank's flag `sig` from every rank reached `epoch`; one thread per peer.
-// Returns false (and reports the first missing peer) on timeout.
-__device__ bool wait_all(const EpDims& dm, uint64_t my_signals, int sig, int* err) {
+// failed(), read once for the whole block so every thread takes the same branch.
+__device__ bool block_ok(const int* err) {
+    __shared__ int ok;
+    __syncthreads();
+    if (threadIdx.x == 0) ok = !failed(err);
+    __syncthreads();
+    return ok;
+}
+
+// Waits until this rank's flag `sig` from every rank reached this call's number; one thread per
+// peer. Returns false (the same in every thread of the block) on timeout, reporting the first
+// missing peer, or when the call already failed.
+__device__ bool wait_all(const EpDims& dm, int sig, int* err) {
     __shared__ int timed_out;
     if (threadIdx.x == 0) timed_out = 0;
     __syncthreads();
     if (threadIdx.x < dm.world) {
-        const uint64_t* flag = signal_slot(my_signals, sig, threadIdx.x);
+        const uint64_t* flag = signal_slot(dm.my_signals, sig, threadIdx.x);
         const uint64_t deadline = global_timer_ns() + dm.timeout_ns;
         const uint64_t epoch = call_epoch(dm);
         while (ld_acquire_sys(flag) < epoch) {
@@ -83,7 +100,8 @@ __device__ bool wait_all(const EpDims& dm, uint64_t my_signals, int sig, int* er
         }
     }
     __syncthreads();
-    return !timed_out && !failed(err);
+    const bool ok = !timed_out;
+    return block_ok(err) && ok;
 }
 
 // Raises flag `sig` of this rank on every peer (one thread per peer).
@@ -93,9 +111,22 @@ __device__ void signal_all(const EpPeers& peers, const EpDims& dm, int sig) {
     }
 }
 
-// Called by every block at its end: once all blocks of the grid have fenced their stores, the
-// last one raises `sig` on every peer. `done` returns to 0 for the next launch.
-__device__ void last_block_signals(const EpPeers& peers, const EpDims& dm, unsigned* done, int sig) {
+// The start of a call that writes into peers' buffers without a count exchange first: block 0
+// tells every peer this rank entered (so its buffers are free to overwrite: its previous call is
+// over), and every block waits until every peer did the same.
+__device__ bool enter_call(const EpPeers& peers, const EpDims& dm, int* err) {
+    if (blockIdx.x == 0) {
+        __threadfence_system();
+        __syncthreads();
+        signal_all(peers, dm, EP_SIG_ENTER);
+    }
+    return wait_all(dm, EP_SIG_ENTER, err);
+}
+
+// Called by every block at its end: true in the block that arrives last, once every block of the
+// grid has fenced its stores (system scope, so peers see them before any flag raised after this).
+// `done` returns to 0 for the next launch. Every block of a grid using it must call it.
+__device__ bool arrive_last(unsigned* done) {
     __threadfence_system();
     __syncthreads();
     __shared__ unsigned last;
@@ -107,7 +138,16 @@ __device__ void last_block_signals(const EpPeers& peers, const EpDims& dm, unsig
         }
     }
     __syncthreads();
-    if (last) signal_all(peers, dm, sig);
+    return last;
+}
+
+// The end of a data phase: the last block raises `sig` on every peer (when `raise`) and, in a
+// call's first kernel, stores the call number.
+__device__ void finish_phase(const EpPeers& peers, const EpDims& dm, unsigned* done, int sig, bool raise) {
+    if (!arrive_last(done)) return;
+    if (raise) signal_all(peers, dm, sig);
+    __syncthreads();
+    if (threadIdx.x == 0) commit_call(dm);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -144,12 +184,39 @@ __device__ int block_exclusive_scan(int value, int* total) {
 // ------------------------------------------------------------------------------------------------
 // Rows
 
-// Copies `bytes` bytes with one warp, 16 bytes a lane when alignment allows.
+// 16-byte loads: through the read-only path for inputs that no kernel writes while it runs (the
+// caller's tensors), plain for buffers peers store into.
+template <bool kReadOnly>
+__device__ __forceinline__ int4 load16(const int4* p) {
+    if constexpr (kReadOnly) {
+        return __ldg(p);
+    } else {
+        return *p;
+    }
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+    return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
+// Copies `bytes` bytes with one warp. 16 bytes a lane when alignment allows, with kUnroll loads in
+// flight per lane before their stores (remote stores are cheap to issue; the loads set the pace).
+template <bool kReadOnly>
 __device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int64_t bytes, int lane) {
-    if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) | bytes) & 15) == 0) {
+    constexpr int kUnroll = 4;
+    if (aligned16(dst) && aligned16(src) && (bytes & 15) == 0) {
         int4* d = reinterpret_cast<int4*>(dst);
         const int4* s = reinterpret_cast<const int4*>(src);
-        for (int64_t i = lane; i < bytes / 16; i += 32) d[i] = s[i];
+        const int64_t n = bytes / 16;
+        int64_t i = lane;
+        for (; i + (kUnroll - 1) * 32 < n; i += kUnroll * 32) {
+            int4 v[kUnroll];
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) v[u] = load16<kReadOnly>(s + i + u * 32);
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) d[i + u * 32] = v[u];
+        }
+        for (; i < n; i += 32) d[i] = load16<kReadOnly>(s + i);
     } else if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) | bytes) & 3) == 0) {
         int* d = reinterpret_cast<int*>(dst);
         const int* s = reinterpret_cast<const int*>(src);
@@ -158,6 +225,20 @@ __device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int6
         for (int64_t i = lane; i < bytes; i += 32) dst[i] = src[i];
     }
 }
+
+// Copies staged row j (payload, and scales when `out_scales`) into output row r. One warp.
+__device__ __forceinline__ void copy_staged_row(const EpDims& dm, const uint8_t* stage_x, const float* stage_scales,
+                                                int64_t j, int out_row_bytes, uint8_t* out_x, float* out_scales,
+                                                int64_t r, int lane) {
+    warp_copy<false>(out_x + r * out_row_bytes, stage_x + j * dm.stage_row_bytes, out_row_bytes, lane);
+    for (int i = lane; out_scales && i < dm.scale_cols; i += 32)
+        out_scales[r * dm.scale_cols + i] = stage_scales[j * dm.scale_cols + i];
+}
+
+__device__ __forceinline__ int warp_id() { return (blockIdx.x * blockDim.x + threadIdx.x) >> 5; }
+__device__ __forceinline__ int warp_count() { return (gridDim.x * blockDim.x) >> 5; }
+__device__ __forceinline__ int64_t thread_id() { return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ int64_t thread_count() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
 
 __device__ __forceinline__ int64_t load_expert(const void* topk, int idx64, int64_t i) {
     return idx64 ? reinterpret_cast<const long long*>(topk)[i]
@@ -185,15 +266,13 @@ template <> __device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16>(float
 // ------------------------------------------------------------------------------------------------
 // Dispatch
 
-// Source side routing. Blocks 0..world-1: block d finds, for each token t in ascending order,
-// its position among the tokens going to rank d (-1 if none), and their count. Block `world`
-// counts the slots of each expert and reports ids out of range. counts = [world + E].
-extern "C" __global__ void ep_route(EpDims dm, const void* topk, int idx64, int num_tokens,
-                                    const int* expert_rank, int* pos, int* counts, int* err) {
+// Source side routing, one block of the route kernel. Blocks 0..world-1: block d finds, for each
+// token t in ascending order, its position among the tokens going to rank d (-1 if none), and
+// their count. Block `world` counts the slots of each expert and reports ids out of range.
+// counts = [world + E].
+__device__ void route_block(const EpDims& dm, const void* topk, int idx64, int num_tokens, const int* expert_rank,
+                            int* pos, int* counts, int* err) {
     const int K = dm.topk;
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
-        *reinterpret_cast<uint64_t*>(dm.epoch_ptr) += 1;  // a new call begins (see call_epoch)
-    }
     if (blockIdx.x == dm.world) {
         for (int e = threadIdx.x; e < dm.num_experts; e += blockDim.x) counts[dm.world + e] = 0;
         __syncthreads();
@@ -227,25 +306,26 @@ extern "C" __global__ void ep_route(EpDims dm, const void* topk, int idx64, int 
     if (threadIdx.x == 0) counts[d] = running;
 }
 
-// One block. Publishes this rank's counts row to every rank's inbox (double-buffered by epoch
-// parity), waits for every rank's row, then derives: where each source's rows start here
+// The count exchange, run by the route kernel's last block. Publishes this rank's counts row to
+// every rank's inbox (double-buffered by call parity), which also tells every peer this rank
+// entered the call; waits for every rank's row, then derives: where each source's rows start here
 // (recv_base[world+1]), where this rank's rows start on each destination (my_base_on[world]), the
 // count tensors of the output, the aligned expert-major offsets, and every rank's capacity check
 // (all ranks compute the same verdict, so an overflow stops all of them alike).
-extern "C" __global__ void ep_notify(EpPeers peers, EpDims dm, const int* counts, const int* expert_rank,
-                                     const int* local_experts, const int* capacity, int align,
-                                     int* recv_base, int* my_base_on, int* out_per_src,
-                                     int* out_per_expert, int* out_offsets, int* err) {
+__device__ void notify(const EpPeers& peers, const EpDims& dm, const int* counts, const int* expert_rank,
+                       const int* local_experts, const int* capacity, int align, int* recv_base, int* my_base_on,
+                       int* out_per_src, int* out_per_expert, int* out_offsets, int* err) {
     const int row = dm.world + dm.num_experts;
     const int parity = static_cast<int>(call_epoch(dm) & 1);
     for (int p = 0; p < dm.world; ++p) {
         int* inbox = reinterpret_cast<int*>(peers.inbox[p]) + (parity * dm.world + dm.rank) * row;
-        for (int i = threadIdx.x; i < row; i += blockDim.x) inbox[i] = counts[i];
+        // Written by the other blocks of this grid: read past L1.
+        for (int i = threadIdx.x; i < row; i += blockDim.x) inbox[i] = __ldcg(counts + i);
     }
     __threadfence_system();
     __syncthreads();
     signal_all(peers, dm, EP_SIG_ENTER);
-    if (!wait_all(dm, peers.signals[dm.rank], EP_SIG_ENTER, err)) return;
+    if (!wait_all(dm, EP_SIG_ENTER, err)) return;
 
     const int* in = reinterpret_cast<const int*>(peers.inbox[dm.rank]) + parity * dm.world * row;
     __shared__ int need[EP_MAX_WORLD];
@@ -299,85 +379,79 @@ extern "C" __global__ void ep_notify(EpPeers peers, EpDims dm, const int* counts
     }
 }
 
+// A dispatch's first kernel: routing in blocks 0..world (see route_block), then the count
+// exchange in whichever block finishes last (see notify), which also stores the call number.
+// world + 1 blocks.
+extern "C" __global__ void __launch_bounds__(1024)
+    ep_route_notify(EpPeers peers, EpDims dm, const void* topk, int idx64, int num_tokens, const int* expert_rank,
+                    const int* local_experts, const int* capacity, int align, int* pos, int* counts,
+                    int* recv_base, int* my_base_on, int* out_per_src, int* out_per_expert, int* out_offsets,
+                    unsigned* done, int* err) {
+    route_block(dm, topk, idx64, num_tokens, expert_rank, pos, counts, err);
+    if (!arrive_last(done)) return;
+    notify(peers, dm, counts, expert_rank, local_experts, capacity, align, recv_base, my_base_on, out_per_src,
+           out_per_expert, out_offsets, err);
+    __syncthreads();
+    if (threadIdx.x == 0) commit_call(dm);
+}
+
 // Sends every token once to each of its destination ranks: the x row, the scales row (when
-// `scales` is given: replays of gradients carry none), and (unless
-// `payload_only`, i.e. a replay) the row's metadata, straight into the destination's staging
-// buffers at the row the routing gave it. One warp per token.
-extern "C" __global__ void ep_dispatch_send(EpPeers peers, EpDims dm, const uint8_t* x, const float* scales,
-                                            const void* topk, int idx64, const float* weights,
-                                            const int* expert_rank, const int* local_index, const int* pos,
-                                            const int* my_base_on, int num_tokens, int payload_only,
-                                            unsigned* done, int* err) {
+// `scales` is given: replays of gradients carry none), and (unless `payload_only`, i.e. a replay)
+// the row's metadata, straight into the destination's staging buffers at the row the routing gave
+// it. One warp per (token, destination), so every destination's link is busy at once. A replay
+// begins its call (dm.begins_call): it first waits until every rank entered it. The last block
+// raises the data flag on every peer.
+extern "C" __global__ void __launch_bounds__(1024)
+    ep_dispatch_send(EpPeers peers, EpDims dm, const uint8_t* x, const float* scales, const void* topk, int idx64,
+                     const float* weights, const int* expert_rank, const int* local_index, const int* pos,
+                     const int* my_base_on, int num_tokens, int payload_only, unsigned* done, int* err) {
     const int lane = threadIdx.x & 31;
-    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const int warps = (gridDim.x * blockDim.x) >> 5;
-    const int K = dm.topk, S = dm.scale_cols;
-    if (!failed(err)) {
-        for (int t = warp; t < num_tokens; t += warps) {
-            for (int d = 0; d < dm.world; ++d) {
-                const int p = pos[static_cast<int64_t>(t) * dm.world + d];
-                if (p < 0) continue;
-                const int64_t row = my_base_on[d] + p;
-                warp_copy(reinterpret_cast<uint8_t*>(peers.stage_x[d]) + row * dm.stage_row_bytes,
-                          x + static_cast<int64_t>(t) * dm.x_row_bytes, dm.x_row_bytes, lane);
-                if (S > 0 && scales) {
-                    float* dst = reinterpret_cast<float*>(peers.stage_scales[d]) + row * S;
-                    for (int i = lane; i < S; i += 32) dst[i] = scales[static_cast<int64_t>(t) * S + i];
-                }
-                if (!payload_only) {
-                    int* meta = reinterpret_cast<int*>(peers.stage_meta[d]) + row * EP_META_INTS(K);
-                    if (lane == 0) {
-                        meta[0] = dm.rank;
-                        meta[1] = t;
-                    }
-                    for (int k = lane; k < K; k += 32) {
-                        int e = slot_expert(topk, idx64, static_cast<int64_t>(t) * K + k, dm.num_experts);
-                        bool here = e >= 0 && expert_rank[e] == d;
-                        meta[2 + k] = here ? local_index[e] : -1;
-                        float w = (here && weights) ? weights[static_cast<int64_t>(t) * K + k] : 0.f;
-                        meta[2 + K + k] = __float_as_int(w);
-                    }
-                }
+    const int K = dm.topk, S = dm.scale_cols, W = dm.world;
+    const bool go = (dm.begins_call ? enter_call(peers, dm, err) : true) && block_ok(err);
+    const int64_t items = static_cast<int64_t>(num_tokens) * W;
+    for (int64_t item = warp_id(); go && item < items; item += warp_count()) {
+        const int p = pos[item];
+        if (p < 0) continue;
+        const int t = static_cast<int>(item / W), d = static_cast<int>(item - static_cast<int64_t>(t) * W);
+        const int64_t row = my_base_on[d] + p;
+        warp_copy<true>(reinterpret_cast<uint8_t*>(peers.stage_x[d]) + row * dm.stage_row_bytes,
+                        x + static_cast<int64_t>(t) * dm.x_row_bytes, dm.x_row_bytes, lane);
+        if (S > 0 && scales) {
+            float* dst = reinterpret_cast<float*>(peers.stage_scales[d]) + row * S;
+            for (int i = lane; i < S; i += 32) dst[i] = scales[static_cast<int64_t>(t) * S + i];
+        }
+        if (!payload_only) {
+            int* meta = reinterpret_cast<int*>(peers.stage_meta[d]) + row * EP_META_INTS(K);
+            if (lane == 0) {
+                meta[0] = dm.rank;
+                meta[1] = t;
+            }
+            for (int k = lane; k < K; k += 32) {
+                int e = slot_expert(topk, idx64, static_cast<int64_t>(t) * K + k, dm.num_experts);
+                bool here = e >= 0 && expert_rank[e] == d;
+                meta[2 + k] = here ? local_index[e] : -1;
+                float w = (here && weights) ? weights[static_cast<int64_t>(t) * K + k] : 0.f;
+                meta[2 + K + k] = __float_as_int(w);
             }
         }
     }
-    last_block_signals(peers, dm, done, EP_SIG_DATA);
+    finish_phase(peers, dm, done, EP_SIG_DATA, true);
 }
 
-// One block: with `begin_call`, first advances the call number (the first kernel of a call);
-// raises `sig` on every peer when `raise` is set, then waits for every peer's `sig`. A barrier when
-// both; the wait for data when only waiting.
-extern "C" __global__ void ep_signal_wait(EpPeers peers, EpDims dm, int sig, int raise, int begin_call, int* err) {
-    if (begin_call) {
-        if (threadIdx.x == 0) *reinterpret_cast<uint64_t*>(dm.epoch_ptr) += 1;
-        __syncthreads();
-    }
-    if (raise) {
-        __threadfence_system();
-        __syncthreads();
-        signal_all(peers, dm, sig);
-    }
-    wait_all(dm, peers.signals[dm.rank], sig, err);
-}
-
-// Token-major layout: staged rows are already in (source, token) order; copy them out, with their
-// metadata unless `payload_only`. Also keeps, for the handle, each row's (source, token) and
-// local slot ids. One warp per row.
-extern "C" __global__ void ep_layout_token_major(EpDims dm, const uint8_t* stage_x, const float* stage_scales,
-                                                 const int* stage_meta, const int* recv_base, int payload_only,
-                                                 int out_row_bytes, uint8_t* out_x, float* out_scales,
-                                                 int* out_topk, float* out_weights, int* out_src,
-                                                 int* row_src, int* row_slots, const int* err) {
-    if (failed(err)) return;
+// Token-major layout: waits for every rank's rows, which are staged in (source, token) order, and
+// copies them out, with their metadata unless `payload_only`. Also keeps, for the handle, each
+// row's (source, token) and local slot ids, and marks the output rows past the valid ones (src
+// and topk_idx -1, weights 0; their payload is unspecified). One warp per row.
+extern "C" __global__ void __launch_bounds__(1024)
+    ep_layout_token_major(EpDims dm, const uint8_t* stage_x, const float* stage_scales, const int* stage_meta,
+                          const int* recv_base, int payload_only, int out_row_bytes, int out_rows, uint8_t* out_x,
+                          float* out_scales, int* out_topk, float* out_weights, int* out_src, int* row_src,
+                          int* row_slots, int* err) {
+    if (!wait_all(dm, EP_SIG_DATA, err)) return;
     const int lane = threadIdx.x & 31;
-    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const int warps = (gridDim.x * blockDim.x) >> 5;
-    const int K = dm.topk, S = dm.scale_cols, rows = recv_base[dm.world];
-    for (int j = warp; j < rows; j += warps) {
-        warp_copy(out_x + static_cast<int64_t>(j) * out_row_bytes,
-                  stage_x + static_cast<int64_t>(j) * dm.stage_row_bytes, out_row_bytes, lane);
-        for (int i = lane; out_scales && i < S; i += 32)
-            out_scales[static_cast<int64_t>(j) * S + i] = stage_scales[static_cast<int64_t>(j) * S + i];
+    const int K = dm.topk, rows = recv_base[dm.world];
+    for (int j = warp_id(); j < rows; j += warp_count()) {
+        copy_staged_row(dm, stage_x, stage_scales, j, out_row_bytes, out_x, out_scales, j, lane);
         if (payload_only) continue;
         const int* meta = stage_meta + static_cast<int64_t>(j) * EP_META_INTS(K);
         if (lane < 2) {
@@ -390,16 +464,26 @@ extern "C" __global__ void ep_layout_token_major(EpDims dm, const uint8_t* stage
             if (out_weights) out_weights[static_cast<int64_t>(j) * K + k] = __int_as_float(meta[2 + K + k]);
         }
     }
+    if (payload_only) return;
+    const int64_t unused = static_cast<int64_t>(out_rows - rows);
+    for (int64_t i = thread_id(); i < unused * K; i += thread_count()) {
+        out_topk[static_cast<int64_t>(rows) * K + i] = -1;
+        if (out_weights) out_weights[static_cast<int64_t>(rows) * K + i] = 0.f;
+    }
+    for (int64_t i = thread_id(); i < unused * 2; i += thread_count()) out_src[2 * static_cast<int64_t>(rows) + i] = -1;
 }
 
-// Expert-major layout, metadata part: block g walks the staged rows in (source, token) order and
-// gives each slot of local expert g the next row of group g, so groups keep (s, t, k) order.
-// Records the expansion `exp_rows[j * K + k]` (preset to -1) and each row's weight for the handle.
-extern "C" __global__ void ep_layout_expert_major(EpDims dm, const int* stage_meta, const int* recv_base,
-                                                  const int* offsets, int has_weights, float* out_weights,
-                                                  int* out_src, int* out_local_expert, int* exp_rows,
-                                                  float* row_weights, int* row_src, const int* err) {
-    if (failed(err)) return;
+// Expert-major layout, metadata part: waits for every rank's rows; block g walks the staged rows
+// in (source, token) order and gives each slot of local expert g the next row of group g, so
+// groups keep (s, t, k) order. Records the expansion `exp_rows[j * K + k]` (-1 for slots elsewhere,
+// written by block 0) and each row's weight for the handle, and marks padding rows (src and
+// local_expert -1, weight 0): block g its group's, every block a stripe of the rows past the last
+// group.
+extern "C" __global__ void __launch_bounds__(1024)
+    ep_layout_expert_major(EpDims dm, const int* stage_meta, const int* recv_base, const int* offsets,
+                           const int* per_expert, int out_rows, int has_weights, float* out_weights, int* out_src,
+                           int* out_local_expert, int* exp_rows, float* row_weights, int* row_src, int* err) {
+    if (!wait_all(dm, EP_SIG_DATA, err)) return;
     const int g = blockIdx.x, K = dm.topk, rows = recv_base[dm.world];
     int running = offsets[g];
     for (int base = 0; base < rows; base += blockDim.x) {
@@ -415,6 +499,9 @@ extern "C" __global__ void ep_layout_expert_major(EpDims dm, const int* stage_me
             if (g == 0) {
                 row_src[2 * j] = meta[0];
                 row_src[2 * j + 1] = meta[1];
+                for (int k = 0; k < K; ++k) {
+                    if (meta[2 + k] < 0) exp_rows[static_cast<int64_t>(j) * K + k] = -1;
+                }
             }
             for (int k = 0; k < K && mine > 0; ++k) {
                 if (meta[2 + k] != g) continue;
@@ -431,26 +518,32 @@ extern "C" __global__ void ep_layout_expert_major(EpDims dm, const int* stage_me
         }
         running += total;
     }
+    const auto mark_padding = [&](int64_t r) {
+        out_src[3 * r] = -1;
+        out_src[3 * r + 1] = -1;
+        out_src[3 * r + 2] = -1;
+        out_local_expert[r] = -1;
+        if (out_weights) out_weights[r] = 0.f;
+    };
+    if (g < dm.num_local) {
+        for (int r = offsets[g] + per_expert[g] + threadIdx.x; r < offsets[g + 1]; r += blockDim.x) mark_padding(r);
+    }
+    for (int64_t r = offsets[dm.num_local] + thread_id(); r < out_rows; r += thread_count()) mark_padding(r);
 }
 
-// Expert-major layout, payload part: copies staged row j to every row its slots expand to.
-// One warp per staged row.
-extern "C" __global__ void ep_expand_rows(EpDims dm, const uint8_t* stage_x, const float* stage_scales,
-                                          const int* recv_base, const int* exp_rows, int out_row_bytes,
-                                          uint8_t* out_x, float* out_scales, const int* err) {
-    if (failed(err)) return;
+// Expert-major layout, payload part: once every rank's rows arrived (a replay has no layout kernel
+// before it that waited), copies staged row j to every row its slots expand to. One warp per
+// staged row.
+extern "C" __global__ void __launch_bounds__(1024)
+    ep_expand_rows(EpDims dm, const uint8_t* stage_x, const float* stage_scales, const int* recv_base,
+                   const int* exp_rows, int out_row_bytes, uint8_t* out_x, float* out_scales, int* err) {
+    if (!wait_all(dm, EP_SIG_DATA, err)) return;
     const int lane = threadIdx.x & 31;
-    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const int warps = (gridDim.x * blockDim.x) >> 5;
-    const int K = dm.topk, S = dm.scale_cols, rows = recv_base[dm.world];
-    for (int j = warp; j < rows; j += warps) {
+    const int K = dm.topk, rows = recv_base[dm.world];
+    for (int j = warp_id(); j < rows; j += warp_count()) {
         for (int k = 0; k < K; ++k) {
             const int r = exp_rows[static_cast<int64_t>(j) * K + k];
-            if (r < 0) continue;
-            warp_copy(out_x + static_cast<int64_t>(r) * out_row_bytes,
-                      stage_x + static_cast<int64_t>(j) * dm.stage_row_bytes, out_row_bytes, lane);
-            for (int i = lane; out_scales && i < S; i += 32)
-                out_scales[static_cast<int64_t>(r) * S + i] = stage_scales[static_cast<int64_t>(j) * S + i];
+            if (r >= 0) copy_staged_row(dm, stage_x, stage_scales, j, out_row_bytes, out_x, out_scales, r, lane);
         }
     }
 }
@@ -478,162 +571,215 @@ enum SideMode {
     SIDE_EXPANDED = 3,     // expert-major: side[exp_rows[j][k]] ([rows]), 0 where slot k is elsewhere
 };
 
+// Elements of T in 16 bytes, and their conversion to and from f32.
+template <typename T>
+struct Vec16 {
+    static constexpr int kLen = 16 / sizeof(T);
+    alignas(16) T e[kLen];
+
+    __device__ __forceinline__ void load(const int4* p, bool read_only) {
+        *reinterpret_cast<int4*>(e) = read_only ? __ldg(p) : *p;
+    }
+    __device__ __forceinline__ void store(int4* p) const { *p = *reinterpret_cast<const int4*>(e); }
+};
+
+// Whether rows of H elements of T can move as 16-byte vectors from `p` (and from the library's
+// own buffers, whose rows then stay 16-byte aligned too).
+template <typename T>
+__device__ __forceinline__ bool vector_rows(const EpDims& dm, const void* p) {
+    return dm.hidden % Vec16<T>::kLen == 0 && aligned16(p);
+}
+
 // Each expert rank sends, for every staged row j (source s, token t), one row back to s: token-
 // major y[j] itself; expert-major the partial sum over j's expansions in ascending slot order of
 // w(row) * y[row] (fmaf from +0.0), rounded once. `weights`: per-row weights overriding the
 // recorded `row_weights` (expert-major), or null; `unit_weights` makes every weight 1 (plain adds).
-// One block per staged row; each thread owns a strided set of elements.
+// Begins its call: waits until every rank entered, so no source still reads the rows this
+// overwrites. One warp per staged row, 16 bytes a lane; the last block raises the data flag.
 template <typename T>
 __device__ void combine_send(const EpPeers& peers, const EpDims& dm, const T* y, const float* weights,
-                             const float* row_weights, int unit_weights, const int* recv_base,
-                             const int* row_src, const int* row_slots, const int* exp_rows, const float* side,
-                             int side_mode, const int* offsets, int rows_given, unsigned* done, int* err) {
-    const int K = dm.topk, H = dm.hidden, rows = recv_base[dm.world];
+                             const float* row_weights, int unit_weights, const int* recv_base, const int* row_src,
+                             const int* row_slots, const int* exp_rows, const float* side, int side_mode,
+                             const int* offsets, int rows_given, unsigned* done, int* err) {
+    using V = Vec16<T>;
+    const int K = dm.topk, H = dm.hidden, rows = recv_base[dm.world], lane = threadIdx.x & 31;
     const bool expert_major = offsets != nullptr;
     // Too few rows handed back: send nothing and raise no flag, so the sources time out naming
     // this rank rather than reduce rows it never sent.
-    if (!rows_cover(dm, recv_base, offsets, rows_given, err)) return;
-    if (!failed(err)) {
-        for (int j = blockIdx.x; j < rows; j += gridDim.x) {
-            const int s = row_src[2 * j];
-            const int64_t slot = static_cast<int64_t>(dm.rank) * dm.max_tokens + (j - recv_base[s]);
-            T* dst = reinterpret_cast<T*>(peers.back[s]) + slot * H;
-            const int* er = exp_rows + static_cast<int64_t>(j) * K;
-            for (int h = threadIdx.x; h < H; h += blockDim.x) {
-                if (!expert_major) {
-                    dst[h] = y[static_cast<int64_t>(j) * H + h];
-                    continue;
+    const bool covered = rows_cover(dm, recv_base, offsets, rows_given, err);
+    const bool go = enter_call(peers, dm, err) && covered;
+    const bool vec = vector_rows<T>(dm, y);
+    for (int j = warp_id(); go && j < rows; j += warp_count()) {
+        const int s = row_src[2 * j];
+        const int64_t slot = static_cast<int64_t>(dm.rank) * dm.max_tokens + (j - recv_base[s]);
+        T* dst = reinterpret_cast<T*>(peers.back[s]) + slot * H;
+        const int* er = exp_rows + static_cast<int64_t>(j) * K;
+        if (!expert_major) {
+            warp_copy<true>(reinterpret_cast<uint8_t*>(dst), reinterpret_cast<const uint8_t*>(y + static_cast<int64_t>(j) * H),
+                            static_cast<int64_t>(H) * sizeof(T), lane);
+        } else if (vec) {
+            for (int v = lane; v < H / V::kLen; v += 32) {
+                float acc[V::kLen];
+#pragma unroll
+                for (int i = 0; i < V::kLen; ++i) acc[i] = 0.f;
+                for (int k = 0; k < K; ++k) {
+                    const int r = er[k];
+                    if (r < 0) continue;
+                    V in;
+                    in.load(reinterpret_cast<const int4*>(y + static_cast<int64_t>(r) * H) + v, true);
+                    const float w = unit_weights ? 1.f : (weights ? weights[r] : row_weights[r]);
+#pragma unroll
+                    for (int i = 0; i < V::kLen; ++i)
+                        acc[i] = unit_weights ? acc[i] + widen(in.e[i]) : fmaf(w, widen(in.e[i]), acc[i]);
                 }
+                V out;
+#pragma unroll
+                for (int i = 0; i < V::kLen; ++i) out.e[i] = narrow<T>(acc[i]);
+                out.store(reinterpret_cast<int4*>(dst) + v);
+            }
+        } else {
+            for (int h = lane; h < H; h += 32) {
                 float acc = 0.f;
                 for (int k = 0; k < K; ++k) {
                     const int r = er[k];
                     if (r < 0) continue;
                     const float v = widen(y[static_cast<int64_t>(r) * H + h]);
-                    if (unit_weights) {
-                        acc = acc + v;
-                    } else {
-                        const float w = weights ? weights[r] : row_weights[r];
-                        acc = fmaf(w, v, acc);
-                    }
+                    acc = unit_weights ? acc + v : fmaf(weights ? weights[r] : row_weights[r], v, acc);
                 }
                 dst[h] = narrow<T>(acc);
             }
-            if (side_mode != SIDE_NONE) {
-                float* sd = reinterpret_cast<float*>(peers.back_side[s]) + slot * K;
-                for (int k = threadIdx.x; k < K; k += blockDim.x) {
-                    float v = 0.f;
-                    if (side_mode == SIDE_ROW_K) {
-                        v = side[static_cast<int64_t>(j) * K + k];
-                    } else if (side_mode == SIDE_ROW_K_OWNED) {
-                        if (row_slots[static_cast<int64_t>(j) * K + k] >= 0) v = side[static_cast<int64_t>(j) * K + k];
-                    } else if (er[k] >= 0) {
-                        v = side[er[k]];
-                    }
-                    sd[k] = v;
+        }
+        if (side_mode != SIDE_NONE) {
+            float* sd = reinterpret_cast<float*>(peers.back_side[s]) + slot * K;
+            for (int k = lane; k < K; k += 32) {
+                float v = 0.f;
+                if (side_mode == SIDE_ROW_K) {
+                    v = side[static_cast<int64_t>(j) * K + k];
+                } else if (side_mode == SIDE_ROW_K_OWNED) {
+                    if (row_slots[static_cast<int64_t>(j) * K + k] >= 0) v = side[static_cast<int64_t>(j) * K + k];
+                } else if (er[k] >= 0) {
+                    v = side[er[k]];
                 }
+                sd[k] = v;
             }
         }
     }
-    last_block_signals(peers, dm, done, EP_SIG_DATA);
+    finish_phase(peers, dm, done, EP_SIG_DATA, covered);
 }
 
-// Source side: out[t] = sum over destinations d ascending (those with pos[t][d] >= 0) of the row
-// d sent back, f32 from +0.0, rounded once; the [K] side values likewise into out_side.
-// One block per token.
+// Source side: waits for flag `sig` from every rank, then out[t] = sum over destinations d
+// ascending (those with pos[t][d] >= 0) of the row d sent back, f32 from +0.0, rounded once; the
+// [K] side values likewise into out_side. One warp per token, 16 bytes a lane.
 template <typename T>
 __device__ void combine_reduce(const EpDims& dm, const T* back, const float* back_side, const int* pos,
-                               int num_tokens, T* out, float* out_side, const int* err) {
-    if (failed(err)) return;
-    const int K = dm.topk, H = dm.hidden;
-    for (int t = blockIdx.x; t < num_tokens; t += gridDim.x) {
+                               int num_tokens, T* out, float* out_side, int sig, int* err) {
+    using V = Vec16<T>;
+    if (!wait_all(dm, sig, err)) return;
+    const int K = dm.topk, H = dm.hidden, lane = threadIdx.x & 31;
+    const bool vec = vector_rows<T>(dm, out);
+    for (int t = warp_id(); t < num_tokens; t += warp_count()) {
         const int* p = pos + static_cast<int64_t>(t) * dm.world;
-        if (out) {
-            for (int h = threadIdx.x; h < H; h += blockDim.x) {
-                float acc = 0.f;
+        const auto back_row = [&](int d) { return back + (static_cast<int64_t>(d) * dm.max_tokens + p[d]) * H; };
+        if (out && vec) {
+            for (int v = lane; v < H / V::kLen; v += 32) {
+                float acc[V::kLen];
+#pragma unroll
+                for (int i = 0; i < V::kLen; ++i) acc[i] = 0.f;
                 for (int d = 0; d < dm.world; ++d) {
                     if (p[d] < 0) continue;
-                    acc = acc + widen(back[(static_cast<int64_t>(d) * dm.max_tokens + p[d]) * H + h]);
+                    V in;
+                    in.load(reinterpret_cast<const int4*>(back_row(d)) + v, false);
+#pragma unroll
+                    for (int i = 0; i < V::kLen; ++i) acc[i] = acc[i] + widen(in.e[i]);
+                }
+                V o;
+#pragma unroll
+                for (int i = 0; i < V::kLen; ++i) o.e[i] = narrow<T>(acc[i]);
+                o.store(reinterpret_cast<int4*>(out + static_cast<int64_t>(t) * H) + v);
+            }
+        } else if (out) {
+            for (int h = lane; h < H; h += 32) {
+                float acc = 0.f;
+                for (int d = 0; d < dm.world; ++d) {
+                    if (p[d] >= 0) acc = acc + widen(back_row(d)[h]);
                 }
                 out[static_cast<int64_t>(t) * H + h] = narrow<T>(acc);
             }
         }
-        if (out_side) {
-            for (int k = threadIdx.x; k < K; k += blockDim.x) {
-                float acc = 0.f;
-                for (int d = 0; d < dm.world; ++d) {
-                    if (p[d] < 0) continue;
-                    acc = acc + back_side[(static_cast<int64_t>(d) * dm.max_tokens + p[d]) * K + k];
-                }
-                out_side[static_cast<int64_t>(t) * K + k] = acc;
+        for (int k = lane; out_side && k < K; k += 32) {
+            float acc = 0.f;
+            for (int d = 0; d < dm.world; ++d) {
+                if (p[d] < 0) continue;
+                acc = acc + back_side[(static_cast<int64_t>(d) * dm.max_tokens + p[d]) * K + k];
             }
+            out_side[static_cast<int64_t>(t) * K + k] = acc;
         }
     }
 }
 
-// Expert-major combine_backward on the expert rank: grad_y[row] = round(w(row) * g) for each row
-// the staged gradient row j expands to; with y, also the weight gradient dot(g, y[row]) in the
-// warp's order (lane l sums h = l, l+32, ... with fmaf; lanes fold by halves), sent back to the
-// source as side values ([K] per staged row, 0 for slots elsewhere). One warp per staged row.
+// Expert-major combine_backward on the expert rank, once the staged gradient rows arrived:
+// grad_y[row] = round(w(row) * g) for each row the staged gradient row j expands to; with y, also
+// the weight gradient dot(g, y[row]) in the warp's order (lane l sums h = l, l+32, ... with fmaf;
+// lanes fold by halves), sent back to the source as side values ([K] per staged row, 0 for slots
+// elsewhere), after which the last block raises the second data flag. One warp per staged row.
 template <typename T>
 __device__ void combine_backward_expert(const EpPeers& peers, const EpDims& dm, const T* stage_g, const T* y,
                                         const float* row_weights, const int* recv_base, const int* row_src,
                                         const int* exp_rows, const int* offsets, int rows_given, T* grad_y,
                                         unsigned* done, int* err) {
     const int lane = threadIdx.x & 31;
-    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const int warps = (gridDim.x * blockDim.x) >> 5;
     const int K = dm.topk, H = dm.hidden, rows = recv_base[dm.world];
     const int64_t stage_elems = dm.stage_row_bytes / static_cast<int64_t>(sizeof(T));
-    if (y && !rows_cover(dm, recv_base, offsets, rows_given, err)) return;  // as in combine_send
-    if (!failed(err)) {
-        for (int j = warp; j < rows; j += warps) {
-            const T* g = stage_g + static_cast<int64_t>(j) * stage_elems;
-            const int s = row_src[2 * j];
-            const int64_t slot = static_cast<int64_t>(dm.rank) * dm.max_tokens + (j - recv_base[s]);
-            float* sd = y ? reinterpret_cast<float*>(peers.back_side[s]) + slot * K : nullptr;
-            for (int k = 0; k < K; ++k) {
-                const int r = exp_rows[static_cast<int64_t>(j) * K + k];
-                if (r < 0) {
-                    if (sd && lane == 0) sd[k] = 0.f;
-                    continue;
-                }
-                const float w = row_weights[r];
-                float acc = 0.f;
-                for (int h = lane; h < H; h += 32) {
-                    const float gv = widen(g[h]);
-                    grad_y[static_cast<int64_t>(r) * H + h] = narrow<T>(w * gv);
-                    if (y) acc = fmaf(gv, widen(y[static_cast<int64_t>(r) * H + h]), acc);
-                }
-                if (sd) {
-                    for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
-                    if (lane == 0) sd[k] = acc;
-                }
+    const bool arrived = wait_all(dm, EP_SIG_DATA, err);
+    // As in combine_send: too few rows of y, and no flag goes up.
+    const bool covered = !y || rows_cover(dm, recv_base, offsets, rows_given, err);
+    for (int j = warp_id(); arrived && covered && j < rows; j += warp_count()) {
+        const T* g = stage_g + static_cast<int64_t>(j) * stage_elems;
+        const int s = row_src[2 * j];
+        const int64_t slot = static_cast<int64_t>(dm.rank) * dm.max_tokens + (j - recv_base[s]);
+        float* sd = y ? reinterpret_cast<float*>(peers.back_side[s]) + slot * K : nullptr;
+        for (int k = 0; k < K; ++k) {
+            const int r = exp_rows[static_cast<int64_t>(j) * K + k];
+            if (r < 0) {
+                if (sd && lane == 0) sd[k] = 0.f;
+                continue;
+            }
+            const float w = row_weights[r];
+            float acc = 0.f;
+            for (int h = lane; h < H; h += 32) {
+                const float gv = widen(g[h]);
+                grad_y[static_cast<int64_t>(r) * H + h] = narrow<T>(w * gv);
+                if (y) acc = fmaf(gv, widen(y[static_cast<int64_t>(r) * H + h]), acc);
+            }
+            if (sd) {
+                for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
+                if (lane == 0) sd[k] = acc;
             }
         }
     }
-    if (y) last_block_signals(peers, dm, done, EP_SIG_DATA2);
+    if (y) finish_phase(peers, dm, done, EP_SIG_DATA2, covered);
 }
 
-#define EP_INSTANTIATE(SUFFIX, T)                                                                          \
-    extern "C" __global__ void ep_combine_send_##SUFFIX(                                                   \
-        EpPeers peers, EpDims dm, const T* y, const float* weights, const float* row_weights,              \
-        int unit_weights, const int* recv_base, const int* row_src, const int* row_slots,                  \
-        const int* exp_rows, const float* side, int side_mode, const int* offsets, int rows_given,         \
-        unsigned* done, int* err) {                                                                        \
-        combine_send<T>(peers, dm, y, weights, row_weights, unit_weights, recv_base, row_src, row_slots,   \
-                        exp_rows, side, side_mode, offsets, rows_given, done, err);                        \
-    }                                                                                                      \
-    extern "C" __global__ void ep_combine_reduce_##SUFFIX(EpDims dm, const T* back, const float* back_side, \
-                                                          const int* pos, int num_tokens, T* out,          \
-                                                          float* out_side, const int* err) {               \
-        combine_reduce<T>(dm, back, back_side, pos, num_tokens, out, out_side, err);                       \
-    }                                                                                                      \
-    extern "C" __global__ void ep_combine_backward_expert_##SUFFIX(                                        \
-        EpPeers peers, EpDims dm, const T* stage_g, const T* y, const float* row_weights,                  \
-        const int* recv_base, const int* row_src, const int* exp_rows, const int* offsets, int rows_given,  \
-        T* grad_y, unsigned* done, int* err) {                                                             \
-        combine_backward_expert<T>(peers, dm, stage_g, y, row_weights, recv_base, row_src, exp_rows,       \
-                                   offsets, rows_given, grad_y, done, err);                                \
+#define EP_INSTANTIATE(SUFFIX, T)                                                                           \
+    extern "C" __global__ void __launch_bounds__(1024) ep_combine_send_##SUFFIX(                            \
+        EpPeers peers, EpDims dm, const T* y, const float* weights, const float* row_weights,               \
+        int unit_weights, const int* recv_base, const int* row_src, const int* row_slots,                   \
+        const int* exp_rows, const float* side, int side_mode, const int* offsets, int rows_given,          \
+        unsigned* done, int* err) {                                                                         \
+        combine_send<T>(peers, dm, y, weights, row_weights, unit_weights, recv_base, row_src, row_slots,    \
+                        exp_rows, side, side_mode, offsets, rows_given, done, err);                         \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(1024) ep_combine_reduce_##SUFFIX(                          \
+        EpDims dm, const T* back, const float* back_side, const int* pos, int num_tokens, T* out,           \
+        float* out_side, int sig, int* err) {                                                               \
+        combine_reduce<T>(dm, back, back_side, pos, num_tokens, out, out_side, sig, err);                   \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(1024) ep_combine_backward_expert_##SUFFIX(                 \
+        EpPeers peers, EpDims dm, const T* stage_g, const T* y, const float* row_weights,                   \
+        const int* recv_base, const int* row_src, const int* exp_rows, const int* offsets, int rows_given,   \
+        T* grad_y, unsigned* done, int* err) {                                                              \
+        combine_backward_expert<T>(peers, dm, stage_g, y, row_weights, recv_base, row_src, exp_rows,        \
+                                   offsets, rows_given, grad_y, done, err);                                 \
     }
 
 EP_INSTANTIATE(bf16, __nv_bfloat16)

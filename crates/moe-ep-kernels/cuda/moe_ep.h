@@ -1,5 +1,5 @@
 // Types shared by moe-ep's kernels and mirrored, field for field, by the Rust side
-// (crates/moe-ep/src/backend/cuda/params.rs). Change both together.
+// (crates/moe-ep/src/ffi/cuda_kernels.rs). Change both together.
 #pragma once
 #include <stdint.h>
 
@@ -42,6 +42,10 @@ struct EpDims {
     int max_tokens;
     int x_row_bytes;      // H * sizeof(dispatch dtype)
     int stage_row_bytes;  // H * max(sizeof(dispatch dtype), sizeof(combine dtype))
+    int begins_call;      // 1: this kernel is its call's first: the call number is the counter + 1,
+                          // and the kernel's last block stores it (see call_epoch)
+    int reserved;
     uint64_t epoch_ptr;   // u64 on this rank's device: the call number, the same on every rank
+    uint64_t my_signals;  // this rank's flags (peers.signals[rank]), for kernels that only wait
     uint64_t timeout_ns;
 };

@@ -102,12 +102,31 @@ fn run_rank_on(
     let rows = out.valid_rows().map_err(err)?;
     let bytes = |t: &moe_ep::Tensor| t.to_host().map(|t| t.host_bytes().to_vec()).map_err(err);
     let row_bytes = h * 2;
+    let src = bytes(&out.src)?;
+    // Payload rows that carry no token (expert-major padding) are unspecified: compare the rest.
+    let src_cols = out.src.dims()[1];
+    let is_padding: Vec<bool> = src
+        .chunks_exact(4 * src_cols)
+        .take(rows)
+        .map(|row| i32::from_le_bytes(row[..4].try_into().expect("4 bytes")) == -1)
+        .collect();
+    let payload = |t: &moe_ep::Tensor| -> Result<Vec<u8>, String> {
+        let mut b = bytes(t)?[..rows * row_bytes].to_vec();
+        for (row, _) in b
+            .chunks_exact_mut(row_bytes)
+            .zip(&is_padding)
+            .filter(|(_, &pad)| pad)
+        {
+            row.fill(0);
+        }
+        Ok(b)
+    };
     Ok(vec![
-        bytes(&out.x)?[..rows * row_bytes].to_vec(),
-        bytes(&out.src)?,
+        payload(&out.x)?,
+        src,
         bytes(&combined.x)?,
         bytes(&grad.grad_x)?,
-        bytes(&cb.grad_y)?[..rows * row_bytes].to_vec(),
+        payload(&cb.grad_y)?,
     ])
 }
 

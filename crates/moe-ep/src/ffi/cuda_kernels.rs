@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 /// Must equal EP_MAX_WORLD in moe_ep.h.
 pub(crate) const MAX_WORLD: usize = 16;
-pub(crate) const SIG_ENTER: i32 = 0;
 pub(crate) const SIG_DATA: i32 = 1;
 pub(crate) const SIG_DATA2: i32 = 2;
 pub(crate) const NUM_SIGNALS: usize = 3;
@@ -56,8 +55,13 @@ pub(crate) struct EpDims {
     pub max_tokens: i32,
     pub x_row_bytes: i32,
     pub stage_row_bytes: i32,
+    /// 1 when the kernel is its call's first (it advances the call number).
+    pub begins_call: i32,
+    pub reserved: i32,
     /// Address of this rank's call counter (a u64 on its device).
     pub epoch_ptr: u64,
+    /// Address of this rank's flags (`EpPeers::signals[rank]`).
+    pub my_signals: u64,
     pub timeout_ns: u64,
 }
 
@@ -104,21 +108,17 @@ struct Typed {
 /// The loaded kernels of one device.
 pub(crate) struct Kernels {
     _module: Arc<CudaModule>,
-    route: CudaFunction,
-    notify: CudaFunction,
+    route_notify: CudaFunction,
     dispatch_send: CudaFunction,
-    signal_wait: CudaFunction,
     layout_token_major: CudaFunction,
     layout_expert_major: CudaFunction,
     expand_rows: CudaFunction,
     typed: Vec<(Elem, Typed)>,
 }
 
-const PLAIN: [&str; 7] = [
-    "ep_route",
-    "ep_notify",
+const PLAIN: [&str; 5] = [
+    "ep_route_notify",
     "ep_dispatch_send",
-    "ep_signal_wait",
     "ep_layout_token_major",
     "ep_layout_expert_major",
     "ep_expand_rows",
@@ -177,7 +177,7 @@ impl Kernels {
         let mut typed_fns = f.split_off(PLAIN.len()).into_iter();
         let mut plain = f.into_iter();
         let mut next = || plain.next().expect("one function per name");
-        let (route, notify, dispatch_send, signal_wait) = (next(), next(), next(), next());
+        let (route_notify, dispatch_send) = (next(), next());
         let (layout_token_major, layout_expert_major, expand_rows) = (next(), next(), next());
         let typed = ELEMS
             .iter()
@@ -197,10 +197,8 @@ impl Kernels {
             .collect();
         Ok(Kernels {
             _module: module,
-            route,
-            notify,
+            route_notify,
             dispatch_send,
-            signal_wait,
             layout_token_major,
             layout_expert_major,
             expand_rows,
@@ -217,17 +215,28 @@ impl Kernels {
             .1
     }
 
+    /// A dispatch's first kernel: routing, then the count exchange (world + 1 blocks).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn route(
+    pub(crate) fn route_notify(
         &self,
         s: &Stream,
+        peers: &EpPeers,
         dm: EpDims,
         topk: u64,
         idx64: bool,
         num_tokens: i32,
         expert_rank: u64,
+        local_experts: u64,
+        capacity: u64,
+        align: i32,
         pos: u64,
         counts: u64,
+        recv_base: u64,
+        my_base_on: u64,
+        out_per_src: u64,
+        out_per_expert: u64,
+        out_offsets: u64,
+        done: u64,
         err: u64,
     ) -> Result<(), String> {
         let grid = Grid {
@@ -235,61 +244,26 @@ impl Kernels {
             threads: 1024,
         };
         let args = vec![
+            Arg::Peers(Box::new(*peers)),
             Arg::Dims(dm),
             Arg::Ptr(topk),
             Arg::Int(idx64 as i32),
             Arg::Int(num_tokens),
             Arg::Ptr(expert_rank),
-            Arg::Ptr(pos),
-            Arg::Ptr(counts),
-            Arg::Ptr(err),
-        ];
-        launch(s, &self.route, grid, args, "ep_route")
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn notify(
-        &self,
-        s: &Stream,
-        peers: &EpPeers,
-        dm: EpDims,
-        counts: u64,
-        expert_rank: u64,
-        local_experts: u64,
-        capacity: u64,
-        align: i32,
-        recv_base: u64,
-        my_base_on: u64,
-        out_per_src: u64,
-        out_per_expert: u64,
-        out_offsets: u64,
-        err: u64,
-    ) -> Result<(), String> {
-        let args = vec![
-            Arg::Peers(Box::new(*peers)),
-            Arg::Dims(dm),
-            Arg::Ptr(counts),
-            Arg::Ptr(expert_rank),
             Arg::Ptr(local_experts),
             Arg::Ptr(capacity),
             Arg::Int(align),
+            Arg::Ptr(pos),
+            Arg::Ptr(counts),
             Arg::Ptr(recv_base),
             Arg::Ptr(my_base_on),
             Arg::Ptr(out_per_src),
             Arg::Ptr(out_per_expert),
             Arg::Ptr(out_offsets),
+            Arg::Ptr(done),
             Arg::Ptr(err),
         ];
-        launch(
-            s,
-            &self.notify,
-            Grid {
-                blocks: 1,
-                threads: 256,
-            },
-            args,
-            "ep_notify",
-        )
+        launch(s, &self.route_notify, grid, args, "ep_route_notify")
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -334,37 +308,6 @@ impl Kernels {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn signal_wait(
-        &self,
-        s: &Stream,
-        peers: &EpPeers,
-        dm: EpDims,
-        sig: i32,
-        raise: bool,
-        begin_call: bool,
-        err: u64,
-    ) -> Result<(), String> {
-        let args = vec![
-            Arg::Peers(Box::new(*peers)),
-            Arg::Dims(dm),
-            Arg::Int(sig),
-            Arg::Int(raise as i32),
-            Arg::Int(begin_call as i32),
-            Arg::Ptr(err),
-        ];
-        launch(
-            s,
-            &self.signal_wait,
-            Grid {
-                blocks: 1,
-                threads: 32,
-            },
-            args,
-            "ep_signal_wait",
-        )
-    }
-
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn layout_token_major(
         &self,
         s: &Stream,
@@ -376,6 +319,7 @@ impl Kernels {
         recv_base: u64,
         payload_only: bool,
         out_row_bytes: i32,
+        out_rows: i32,
         out_x: u64,
         out_scales: u64,
         out_topk: u64,
@@ -393,6 +337,7 @@ impl Kernels {
             Arg::Ptr(recv_base),
             Arg::Int(payload_only as i32),
             Arg::Int(out_row_bytes),
+            Arg::Int(out_rows),
             Arg::Ptr(out_x),
             Arg::Ptr(out_scales),
             Arg::Ptr(out_topk),
@@ -419,6 +364,8 @@ impl Kernels {
         stage_meta: u64,
         recv_base: u64,
         offsets: u64,
+        per_expert: u64,
+        out_rows: i32,
         has_weights: bool,
         out_weights: u64,
         out_src: u64,
@@ -438,6 +385,8 @@ impl Kernels {
             Arg::Ptr(stage_meta),
             Arg::Ptr(recv_base),
             Arg::Ptr(offsets),
+            Arg::Ptr(per_expert),
+            Arg::Int(out_rows),
             Arg::Int(has_weights as i32),
             Arg::Ptr(out_weights),
             Arg::Ptr(out_src),
@@ -548,6 +497,7 @@ impl Kernels {
         num_tokens: i32,
         out: u64,
         out_side: u64,
+        sig: i32,
         err: u64,
     ) -> Result<(), String> {
         let args = vec![
@@ -558,6 +508,7 @@ impl Kernels {
             Arg::Int(num_tokens),
             Arg::Ptr(out),
             Arg::Ptr(out_side),
+            Arg::Int(sig),
             Arg::Ptr(err),
         ];
         launch(

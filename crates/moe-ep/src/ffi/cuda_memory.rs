@@ -131,8 +131,9 @@ pub(crate) struct StreamBuffer {
 }
 
 impl StreamBuffer {
-    /// `bytes` bytes, every byte set to `fill`, ordered on `stream`.
-    pub(crate) fn filled(stream: &Stream, bytes: usize, fill: u8) -> Result<Self, String> {
+    /// `bytes` bytes of unspecified content, ordered on `stream`: for outputs the kernels write
+    /// in full (a memset would be one more operation on the stream per buffer and call).
+    pub(crate) fn uninit(stream: &Stream, bytes: usize) -> Result<Self, String> {
         stream
             .context()
             .bind_to_thread()
@@ -142,9 +143,6 @@ impl StreamBuffer {
         // value and freed once, in Drop, on the same stream.
         let ptr = unsafe { result::malloc_async(stream.raw(), bytes) }
             .map_err(|e| describe("cuMemAllocAsync", e))?;
-        // SAFETY: `ptr` points to `bytes` bytes ordered on this stream.
-        unsafe { result::memset_d8_async(ptr, fill, bytes, stream.raw()) }
-            .map_err(|e| describe("cuMemsetD8Async", e))?;
         Ok(StreamBuffer {
             ptr,
             bytes,
@@ -152,9 +150,18 @@ impl StreamBuffer {
         })
     }
 
+    /// `bytes` bytes, every byte set to `fill`, ordered on `stream`.
+    pub(crate) fn filled(stream: &Stream, bytes: usize, fill: u8) -> Result<Self, String> {
+        let buf = StreamBuffer::uninit(stream, bytes)?;
+        // SAFETY: `buf.ptr` points to `buf.bytes` bytes ordered on this stream.
+        unsafe { result::memset_d8_async(buf.ptr, fill, buf.bytes, stream.raw()) }
+            .map_err(|e| describe("cuMemsetD8Async", e))?;
+        Ok(buf)
+    }
+
     /// A copy of host bytes.
     pub(crate) fn from_host(stream: &Stream, data: &[u8]) -> Result<Self, String> {
-        let buf = StreamBuffer::filled(stream, data.len(), 0)?;
+        let buf = StreamBuffer::uninit(stream, data.len())?;
         if !data.is_empty() {
             // SAFETY: the destination holds at least data.len() bytes; the source slice outlives
             // the copy because the stream is synchronized before returning.

@@ -17,7 +17,7 @@ use crate::dtype::DType;
 use crate::error::{EpError, Result};
 use crate::ffi::cuda_kernels::{
     self as k, ptr_or_null, Elem, EpDims, EpPeers, Grid, Kernels, SIDE_EXPANDED, SIDE_NONE,
-    SIDE_ROW_K, SIDE_ROW_K_OWNED, SIG_DATA, SIG_DATA2, SIG_ENTER,
+    SIDE_ROW_K, SIDE_ROW_K_OWNED, SIG_DATA, SIG_DATA2,
 };
 use crate::ffi::cuda_memory::{self as mem, PeerMapping, StreamBuffer, IPC_HANDLE_BYTES};
 use crate::ffi::cuda_stream::Stream;
@@ -64,6 +64,8 @@ struct GroupBuffers {
     local: Vec<Arc<SharedBuffers>>,
     /// Process groups: the other processes' buffers mapped here.
     mapped: Vec<PeerMapping>,
+    /// Ranks of the group on this rank's GPU (itself included).
+    ranks_on_my_gpu: usize,
 }
 
 fn set_peer(peers: &mut EpPeers, r: usize, a: [u64; 7]) {
@@ -92,7 +94,9 @@ fn join_group(
         peers: EpPeers::default(),
         local: Vec::new(),
         mapped: Vec::new(),
+        ranks_on_my_gpu: 0,
     };
+    let my_ordinal = device.ctx.ordinal() as u32;
     match control {
         ControlPlane::Local(exchange) => {
             let posts = exchange.all_gather(
@@ -116,6 +120,7 @@ fn join_group(
                 let CudaMessage::Buffers { ordinal, buffers } = post.as_ref() else {
                     unreachable!("the second round carries buffers")
                 };
+                out.ranks_on_my_gpu += usize::from(*ordinal == my_ordinal);
                 let peer_ctx = CudaContext::new(*ordinal as usize)
                     .map_err(|e| device_error(mem::describe("peer context", e)))?;
                 mem::enable_peer_access(&device.ctx, &peer_ctx).map_err(device_error)?;
@@ -137,9 +142,14 @@ fn join_group(
                 })
                 .collect();
             super::check_configs(rank, &mine, &all)?;
+            // Each post: the rank's device ordinal (4 bytes), then its buffers' IPC handles.
             let handles = shared.ipc_handles().map_err(device_error)?;
-            let posts = tcp.all_gather((channel, 1), Op::Create, handles.concat(), timeout)?;
+            let post = [my_ordinal.to_le_bytes().to_vec(), handles.concat()].concat();
+            let posts = tcp.all_gather((channel, 1), Op::Create, post, timeout)?;
             for (r, post) in posts.iter().enumerate() {
+                let (ordinal, post) = post.split_at(4);
+                let ordinal = u32::from_le_bytes(ordinal.try_into().expect("4 bytes"));
+                out.ranks_on_my_gpu += usize::from(ordinal == my_ordinal);
                 if r == rank {
                     set_peer(&mut out.peers, r, shared.addresses());
                     continue;
@@ -199,6 +209,9 @@ fn elem(dtype: DType) -> Elem {
         other => unreachable!("{other} is not a combine dtype; the config admits bf16, f16, f32"),
     }
 }
+
+/// SMs the data kernels use unless `EpConfig::num_sms` says otherwise.
+const DEFAULT_NUM_SMS: u32 = 24;
 
 fn i32_of(v: usize) -> i32 {
     i32::try_from(v).expect("sizes fit in i32 (checked when the dispatcher was built)")
@@ -315,7 +328,11 @@ impl CudaBackend {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .map_err(|e| device_error(mem::describe("reading the SM count", e)))?;
-        let blocks = config.num_sms.unwrap_or(sms as u32).max(1);
+        // The data kernels' grid: one block per SM they may use, leaving the rest to the caller's
+        // work (DeepEP's default is 20-24 SMs). Ranks sharing a GPU split its SMs: every block of
+        // a call may spin waiting for peers, so all ranks' blocks must be resident at once.
+        let share = sms as u32 / group.ranks_on_my_gpu.max(1) as u32;
+        let blocks = config.num_sms.unwrap_or(DEFAULT_NUM_SMS).min(share).max(1);
         s.synchronize().map_err(device_error)?;
         Ok(CudaBackend {
             rank,
@@ -350,8 +367,9 @@ impl CudaBackend {
         self.device.ctx.ordinal() as u32
     }
 
-    /// The dims every kernel of a call takes (the call's first kernel advances the call number).
-    fn dims(&self, x_row_bytes: usize) -> EpDims {
+    /// The dims the kernels of a call take; `begins_call` for the call's first kernel, which
+    /// advances the call number.
+    fn dims(&self, x_row_bytes: usize, begins_call: bool) -> EpDims {
         let c = &self.config;
         EpDims {
             rank: i32_of(self.rank),
@@ -364,28 +382,33 @@ impl CudaBackend {
             max_tokens: i32_of(c.max_tokens_per_rank),
             x_row_bytes: i32_of(x_row_bytes),
             stage_row_bytes: i32_of(self.shared.stage_row_bytes),
+            begins_call: begins_call as i32,
+            reserved: 0,
             epoch_ptr: self.epoch.ptr(),
+            my_signals: self.peers.signals[self.rank],
             timeout_ns: c.timeout.as_nanos().min(u64::MAX as u128) as u64,
         }
     }
 
-    fn alloc(&self, bytes: usize, fill: u8) -> Result<StreamBuffer> {
-        StreamBuffer::filled(self.stream(), bytes, fill).map_err(device_error)
+    /// Device memory the kernels of the call write in full before anything reads it.
+    fn alloc(&self, bytes: usize) -> Result<StreamBuffer> {
+        StreamBuffer::uninit(self.stream(), bytes).map_err(device_error)
     }
 
-    fn tensor(&self, rows: usize, cols: Option<usize>, dtype: DType, fill: u8) -> Result<Tensor> {
+    /// A device tensor the kernels of the call write in full (see [`Self::alloc`]).
+    fn tensor(&self, rows: usize, cols: Option<usize>, dtype: DType) -> Result<Tensor> {
         let shape: Vec<usize> = match cols {
             Some(c) => vec![rows, c],
             None => vec![rows],
         };
         let bytes = shape.iter().product::<usize>() * dtype.size();
-        Tensor::on_device(self.alloc(bytes, fill)?, &shape, dtype)
+        Tensor::on_device(self.alloc(bytes)?, &shape, dtype)
     }
 
     fn grid(&self) -> Grid {
         Grid {
             blocks: self.blocks,
-            threads: 256,
+            threads: 1024,
         }
     }
 
@@ -440,7 +463,7 @@ impl CudaBackend {
             other => device_error(format!("unknown device error record {other}")),
         };
         if !error.poisons() {
-            self.err = self.alloc(16, 0)?;
+            self.err = StreamBuffer::filled(self.stream(), 16, 0).map_err(device_error)?;
         }
         Err(error)
     }
@@ -453,33 +476,8 @@ impl CudaBackend {
         Ok(exact)
     }
 
-    fn barrier(&self, dm: EpDims) -> Result<()> {
-        let r = self.kernels.signal_wait(
-            self.stream(),
-            &self.peers,
-            dm,
-            SIG_ENTER,
-            true,
-            true,
-            self.err.ptr(),
-        );
-        self.check(r)
-    }
-
-    fn wait_data(&self, dm: EpDims, sig: i32) -> Result<()> {
-        let r = self.kernels.signal_wait(
-            self.stream(),
-            &self.peers,
-            dm,
-            sig,
-            false,
-            false,
-            self.err.ptr(),
-        );
-        self.check(r)
-    }
-
-    /// Sends a payload along a recorded routing into every destination's staging buffer.
+    /// Sends a payload along a recorded routing into every destination's staging buffer, as the
+    /// call's first kernel (`dm.begins_call`: it waits until every rank entered the call).
     fn send_payload(
         &self,
         dm: EpDims,
@@ -519,15 +517,17 @@ impl CudaBackend {
         with_scales: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let s_cols = self.config.scale_columns;
-        let x = self.tensor(out_rows, Some(self.config.hidden), dtype, 0)?;
+        // Rows past the valid ones keep unspecified payload (docs/semantics.md).
+        let x = self.tensor(out_rows, Some(self.config.hidden), dtype)?;
         let scales = (with_scales && s_cols > 0)
-            .then(|| self.tensor(out_rows, Some(s_cols), DType::F32, 0))
+            .then(|| self.tensor(out_rows, Some(s_cols), DType::F32))
             .transpose()?;
         Ok((x, scales))
     }
 
-    /// Lays the staged payload out in the recorded rows: `[out_rows, H]` of `dtype`, and the scales
-    /// when `with_scales` (the dispatcher has scale columns and the payload carried them).
+    /// Once every rank's rows arrived, lays the staged payload out in the recorded rows:
+    /// `[out_rows, H]` of `dtype`, and the scales when `with_scales` (the dispatcher has scale
+    /// columns and the payload carried them).
     fn place_payload(
         &self,
         dm: EpDims,
@@ -552,6 +552,7 @@ impl CudaBackend {
                 h.recv_base.ptr(),
                 true,
                 out_row_bytes,
+                i32_of(out_rows),
                 x_ptr,
                 sc_ptr,
                 0,
@@ -579,13 +580,12 @@ impl CudaBackend {
         Ok((x, scales))
     }
 
-    /// The reverse direction: each staged row goes back to its source (expert-major: as the
-    /// partial over its slots), then the sources reduce over destinations in rank order.
-    /// `rows_given`: the fewest rows among the per-row tensors handed back.
+    /// A whole call in the reverse direction: each staged row goes back to its source (expert-
+    /// major: as the partial over its slots), then the sources reduce over destinations in rank
+    /// order. `rows_given`: the fewest rows among the per-row tensors handed back.
     #[allow(clippy::too_many_arguments)]
     fn reduce_back(
         &self,
-        dm: EpDims,
         h: &CudaHandle,
         num_tokens: usize,
         y: u64,
@@ -595,13 +595,14 @@ impl CudaBackend {
         side: Option<(u64, i32)>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let e = elem(self.config.combine_dtype);
+        let row_bytes = self.config.hidden * self.config.combine_dtype.size();
         let (side_ptr, side_mode) = side.unwrap_or((0, SIDE_NONE));
         let r = self.kernels.combine_send(
             self.stream(),
             e,
             self.grid(),
             &self.peers,
-            dm,
+            self.dims(row_bytes, true),
             y,
             ptr_or_null(weights),
             ptr_or_null(h.row_weights.as_ref().map(StreamBuffer::ptr)),
@@ -618,26 +619,27 @@ impl CudaBackend {
             self.err.ptr(),
         );
         self.check(r)?;
-        self.wait_data(dm, SIG_DATA)?;
         let out = self.tensor(
             num_tokens,
             Some(self.config.hidden),
             self.config.combine_dtype,
-            0,
         )?;
         let out_side = side
-            .map(|_| self.tensor(num_tokens, Some(self.config.topk), DType::F32, 0))
+            .map(|_| self.tensor(num_tokens, Some(self.config.topk), DType::F32))
             .transpose()?;
         self.reduce(
-            dm,
+            self.dims(row_bytes, false),
             h,
             num_tokens,
             out.device_ptr(),
             out_side.as_ref().and_then(Tensor::device_ptr),
+            SIG_DATA,
         )?;
         Ok((out, out_side))
     }
 
+    /// Once flag `sig` arrived from every rank, sums the rows sent back into `out` (and the side
+    /// values into `out_side`).
     fn reduce(
         &self,
         dm: EpDims,
@@ -645,6 +647,7 @@ impl CudaBackend {
         num_tokens: usize,
         out: Option<u64>,
         out_side: Option<u64>,
+        sig: i32,
     ) -> Result<()> {
         let r = self.kernels.combine_reduce(
             self.stream(),
@@ -657,6 +660,7 @@ impl CudaBackend {
             i32_of(num_tokens),
             ptr_or_null(out),
             ptr_or_null(out_side),
+            sig,
             self.err.ptr(),
         );
         self.check(r)
@@ -782,7 +786,7 @@ impl Backend for CudaBackend {
         let c = self.config.clone();
         let (world, kk, hidden) = (self.world, c.topk, c.hidden);
         let num_tokens = args.x.dims()[0];
-        let dm = self.dims(hidden * c.dtype.size());
+        let dm = self.dims(hidden * c.dtype.size(), false);
         let num_local = self.placement.num_local(self.rank);
         let expert_major = match c.layout {
             Layout::TokenMajor => None,
@@ -792,43 +796,36 @@ impl Backend for CudaBackend {
         let cap = self.capacity_of_me();
         let has_weights = args.weights.is_some();
 
-        let pos = self.alloc(num_tokens * world * 4, 0)?;
-        let counts = self.alloc((world + c.num_experts) * 4, 0)?;
-        let recv_base = self.alloc((world + 1) * 4, 0)?;
-        let my_base_on = self.alloc(world * 4, 0)?;
-        let per_src = self.tensor(world, None, DType::I32, 0)?;
-        let per_expert = self.tensor(num_local, None, DType::I32, 0)?;
+        let pos = self.alloc(num_tokens * world * 4)?;
+        let counts = self.alloc((world + c.num_experts) * 4)?;
+        let recv_base = self.alloc((world + 1) * 4)?;
+        let my_base_on = self.alloc(world * 4)?;
+        let per_src = self.tensor(world, None, DType::I32)?;
+        let per_expert = self.tensor(num_local, None, DType::I32)?;
         let offsets = expert_major
-            .map(|_| self.tensor(num_local + 1, None, DType::I32, 0))
+            .map(|_| self.tensor(num_local + 1, None, DType::I32))
             .transpose()?;
         let topk = ptr_of(&args.topk_idx);
         let idx64 = args.topk_idx.dtype() == DType::I64;
-        let r = self.kernels.route(
+        let r = self.kernels.route_notify(
             self.stream(),
-            dm,
+            &self.peers,
+            self.dims(hidden * c.dtype.size(), true),
             topk,
             idx64,
             i32_of(num_tokens),
             self.expert_rank.ptr(),
-            pos.ptr(),
-            counts.ptr(),
-            self.err.ptr(),
-        );
-        self.check(r)?;
-        let r = self.kernels.notify(
-            self.stream(),
-            &self.peers,
-            dm,
-            counts.ptr(),
-            self.expert_rank.ptr(),
             self.local_experts.ptr(),
             self.capacity.ptr(),
             expert_major.map_or(0, i32_of),
+            pos.ptr(),
+            counts.ptr(),
             recv_base.ptr(),
             my_base_on.ptr(),
             per_src.device_ptr().expect("device"),
             per_expert.device_ptr().expect("device"),
             ptr_or_null(offsets.as_ref().and_then(Tensor::device_ptr)),
+            self.done.ptr(),
             self.err.ptr(),
         );
         self.check(r)?;
@@ -852,11 +849,12 @@ impl Backend for CudaBackend {
             self.err.ptr(),
         );
         self.check(r)?;
-        self.wait_data(dm, SIG_DATA)?;
 
-        let row_src = self.alloc(stage_rows * 2 * 4, 0xFF)?;
+        // The layout kernels wait for every rank's rows, then write every row of these (padding
+        // included: src -1 and so on, as docs/semantics.md states).
+        let row_src = self.alloc(stage_rows * 2 * 4)?;
         let src_cols = if expert_major.is_some() { 3 } else { 2 };
-        let src = self.tensor(cap, Some(src_cols), DType::I32, 0xFF)?;
+        let src = self.tensor(cap, Some(src_cols), DType::I32)?;
         let src_ptr = src.device_ptr().expect("device");
         let mut handle = CudaHandle {
             pos,
@@ -870,10 +868,10 @@ impl Backend for CudaBackend {
         };
         let (topk_out, weights_out, local_expert) = match expert_major {
             None => {
-                let row_slots = self.alloc(stage_rows * kk * 4, 0xFF)?;
-                let topk_out = self.tensor(cap, Some(kk), DType::I32, 0xFF)?;
+                let row_slots = self.alloc(stage_rows * kk * 4)?;
+                let topk_out = self.tensor(cap, Some(kk), DType::I32)?;
                 let w = has_weights
-                    .then(|| self.tensor(cap, Some(kk), DType::F32, 0))
+                    .then(|| self.tensor(cap, Some(kk), DType::F32))
                     .transpose()?;
                 // The full layout below copies the payload with the metadata.
                 let (x, scales) = self.payload_tensors(cap, c.dtype, true)?;
@@ -887,6 +885,7 @@ impl Backend for CudaBackend {
                     handle.recv_base.ptr(),
                     false,
                     i32_of(hidden * c.dtype.size()),
+                    i32_of(cap),
                     x.device_ptr().expect("device"),
                     ptr_or_null(scales.as_ref().and_then(Tensor::device_ptr)),
                     topk_out.device_ptr().expect("device"),
@@ -901,11 +900,11 @@ impl Backend for CudaBackend {
                 (Some((x, scales, topk_out)), w, None)
             }
             Some(_) => {
-                let exp_rows = self.alloc(stage_rows * kk * 4, 0xFF)?;
-                let row_weights = self.alloc(cap * 4, 0)?;
-                let local_expert = self.tensor(cap, None, DType::I32, 0xFF)?;
+                let exp_rows = self.alloc(stage_rows * kk * 4)?;
+                let row_weights = self.alloc(cap * 4)?;
+                let local_expert = self.tensor(cap, None, DType::I32)?;
                 let w = has_weights
-                    .then(|| self.tensor(cap, None, DType::F32, 0))
+                    .then(|| self.tensor(cap, None, DType::F32))
                     .transpose()?;
                 let r = self.kernels.layout_expert_major(
                     self.stream(),
@@ -916,6 +915,8 @@ impl Backend for CudaBackend {
                         .as_ref()
                         .and_then(Tensor::device_ptr)
                         .expect("expert-major offsets"),
+                    per_expert.device_ptr().expect("device"),
+                    i32_of(cap),
                     has_weights,
                     ptr_or_null(w.as_ref().and_then(Tensor::device_ptr)),
                     src_ptr,
@@ -994,16 +995,15 @@ impl Backend for CudaBackend {
         scales: Option<TensorRef<'_>>,
     ) -> Result<CachedDispatchOutput> {
         let h = cuda_state(handle);
-        let dm = self.dims(self.config.hidden * self.config.dtype.size());
-        self.barrier(dm)?;
+        let row_bytes = self.config.hidden * self.config.dtype.size();
         self.send_payload(
-            dm,
+            self.dims(row_bytes, true),
             h,
             ptr_of(&x),
             scales.as_ref().map(ptr_of),
             handle.num_tokens,
         )?;
-        self.wait_data(dm, SIG_DATA)?;
+        let dm = self.dims(row_bytes, false);
         let (x, scales) = self.place_payload(dm, h, handle.out_rows, self.config.dtype, true)?;
         self.finish_exact()?;
         Ok(CachedDispatchOutput { x, scales })
@@ -1016,8 +1016,6 @@ impl Backend for CudaBackend {
         weights: Option<TensorRef<'_>>,
     ) -> Result<CombineOutput> {
         let h = cuda_state(handle);
-        let dm = self.dims(self.config.hidden * self.config.combine_dtype.size());
-        self.barrier(dm)?;
         let token_major = h.exp_rows.is_none();
         let (override_weights, side) = match (&weights, token_major) {
             (Some(w), true) => (None, Some((ptr_of(w), SIDE_ROW_K))),
@@ -1025,7 +1023,6 @@ impl Backend for CudaBackend {
             (None, _) => (None, None),
         };
         let (x, weights) = self.reduce_back(
-            dm,
             h,
             handle.num_tokens,
             ptr_of(&y),
@@ -1045,8 +1042,6 @@ impl Backend for CudaBackend {
         grad_recv_weights: Option<TensorRef<'_>>,
     ) -> Result<DispatchBackwardOutput> {
         let h = cuda_state(handle);
-        let dm = self.dims(self.config.hidden * self.config.combine_dtype.size());
-        self.barrier(dm)?;
         let mode = if h.exp_rows.is_none() {
             SIDE_ROW_K_OWNED
         } else {
@@ -1055,7 +1050,6 @@ impl Backend for CudaBackend {
         let side = grad_recv_weights.as_ref().map(|w| (ptr_of(w), mode));
         let rows_given = rows_given(&grad_recv, grad_recv_weights.as_ref());
         let (grad_x, grad_weights) = self.reduce_back(
-            dm,
             h,
             handle.num_tokens,
             ptr_of(&grad_recv),
@@ -1079,10 +1073,10 @@ impl Backend for CudaBackend {
     ) -> Result<CombineBackwardOutput> {
         let h = cuda_state(handle);
         let cd = self.config.combine_dtype;
-        let dm = self.dims(self.config.hidden * cd.size());
-        self.barrier(dm)?;
-        self.send_payload(dm, h, ptr_of(&grad_out), None, handle.num_tokens)?;
-        self.wait_data(dm, SIG_DATA)?;
+        let row_bytes = self.config.hidden * cd.size();
+        let first = self.dims(row_bytes, true);
+        self.send_payload(first, h, ptr_of(&grad_out), None, handle.num_tokens)?;
+        let dm = self.dims(row_bytes, false);
         let Some(exp_rows) = &h.exp_rows else {
             // Token-major combine is an unweighted sum: its backward is a replay of grad_out.
             let (grad_y, _) = self.place_payload(dm, h, handle.out_rows, cd, false)?;
@@ -1092,7 +1086,8 @@ impl Backend for CudaBackend {
                 grad_weights: None,
             });
         };
-        let grad_y = self.tensor(handle.out_rows, Some(self.config.hidden), cd, 0)?;
+        // Padding rows of grad_y are unspecified, like the payload's.
+        let grad_y = self.tensor(handle.out_rows, Some(self.config.hidden), cd)?;
         let r = self.kernels.combine_backward_expert(
             self.stream(),
             elem(cd),
@@ -1113,9 +1108,8 @@ impl Backend for CudaBackend {
         );
         self.check(r)?;
         let grad_weights = if y.is_some() {
-            self.wait_data(dm, SIG_DATA2)?;
-            let gw = self.tensor(handle.num_tokens, Some(self.config.topk), DType::F32, 0)?;
-            self.reduce(dm, h, handle.num_tokens, None, gw.device_ptr())?;
+            let gw = self.tensor(handle.num_tokens, Some(self.config.topk), DType::F32)?;
+            self.reduce(dm, h, handle.num_tokens, None, gw.device_ptr(), SIG_DATA2)?;
             Some(gw)
         } else {
             None
