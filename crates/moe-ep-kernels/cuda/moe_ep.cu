@@ -111,11 +111,29 @@ __device__ void signal_all(const EpPeers& peers, const EpDims& dm, int sig) {
     }
 }
 
+// This rank's row in rank p's inbox for this call (double-buffered by call parity: a rank writes
+// call n + 2's row only once every rank finished call n).
+__device__ __forceinline__ int* inbox_row(const EpPeers& peers, const EpDims& dm, int p, int of_rank) {
+    const int parity = static_cast<int>(call_epoch(dm) & 1);
+    return reinterpret_cast<int*>(peers.inbox[p]) +
+           (parity * dm.world + of_rank) * EP_INBOX_ROW(dm.world, dm.num_experts);
+}
+
+// First staged row of destination d's receive slot of this call, as d published it.
+__device__ __forceinline__ int64_t slot_base(const EpPeers& peers, const EpDims& dm, int d) {
+    const int slot = inbox_row(peers, dm, dm.rank, d)[dm.world + dm.num_experts];
+    return static_cast<int64_t>(slot) * dm.world * dm.max_tokens;
+}
+
 // The start of a call that writes into peers' buffers without a count exchange first: block 0
 // tells every peer this rank entered (so its buffers are free to overwrite: its previous call is
-// over), and every block waits until every peer did the same.
-__device__ bool enter_call(const EpPeers& peers, const EpDims& dm, int* err) {
+// over), with the receive slot it picked when `recv_slot` >= 0, and every block waits until every
+// peer did the same.
+__device__ bool enter_call(const EpPeers& peers, const EpDims& dm, int recv_slot, int* err) {
     if (blockIdx.x == 0) {
+        if (recv_slot >= 0 && threadIdx.x < dm.world) {
+            inbox_row(peers, dm, threadIdx.x, dm.rank)[dm.world + dm.num_experts] = recv_slot;
+        }
         __threadfence_system();
         __syncthreads();
         signal_all(peers, dm, EP_SIG_ENTER);
@@ -226,11 +244,11 @@ __device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int6
     }
 }
 
-// Copies staged row j (payload, and scales when `out_scales`) into output row r. One warp.
+// Copies staged row j (payload when `out_x`, scales when `out_scales`) into output row r. One warp.
 __device__ __forceinline__ void copy_staged_row(const EpDims& dm, const uint8_t* stage_x, const float* stage_scales,
                                                 int64_t j, int out_row_bytes, uint8_t* out_x, float* out_scales,
                                                 int64_t r, int lane) {
-    warp_copy<false>(out_x + r * out_row_bytes, stage_x + j * dm.stage_row_bytes, out_row_bytes, lane);
+    if (out_x) warp_copy<false>(out_x + r * out_row_bytes, stage_x + j * dm.stage_row_bytes, out_row_bytes, lane);
     for (int i = lane; out_scales && i < dm.scale_cols; i += 32)
         out_scales[r * dm.scale_cols + i] = stage_scales[j * dm.scale_cols + i];
 }
@@ -313,21 +331,21 @@ __device__ void route_block(const EpDims& dm, const void* topk, int idx64, int n
 // count tensors of the output, the aligned expert-major offsets, and every rank's capacity check
 // (all ranks compute the same verdict, so an overflow stops all of them alike).
 __device__ void notify(const EpPeers& peers, const EpDims& dm, const int* counts, const int* expert_rank,
-                       const int* local_experts, const int* capacity, int align, int* recv_base, int* my_base_on,
-                       int* out_per_src, int* out_per_expert, int* out_offsets, int* err) {
-    const int row = dm.world + dm.num_experts;
-    const int parity = static_cast<int>(call_epoch(dm) & 1);
+                       const int* local_experts, const int* capacity, int align, int recv_slot, int* recv_base,
+                       int* my_base_on, int* out_per_src, int* out_per_expert, int* out_offsets, int* err) {
+    const int n = dm.world + dm.num_experts, row = EP_INBOX_ROW(dm.world, dm.num_experts);
     for (int p = 0; p < dm.world; ++p) {
-        int* inbox = reinterpret_cast<int*>(peers.inbox[p]) + (parity * dm.world + dm.rank) * row;
+        int* inbox = inbox_row(peers, dm, p, dm.rank);
         // Written by the other blocks of this grid: read past L1.
-        for (int i = threadIdx.x; i < row; i += blockDim.x) inbox[i] = __ldcg(counts + i);
+        for (int i = threadIdx.x; i < n; i += blockDim.x) inbox[i] = __ldcg(counts + i);
+        if (threadIdx.x == 0) inbox[n] = recv_slot;
     }
     __threadfence_system();
     __syncthreads();
     signal_all(peers, dm, EP_SIG_ENTER);
     if (!wait_all(dm, EP_SIG_ENTER, err)) return;
 
-    const int* in = reinterpret_cast<const int*>(peers.inbox[dm.rank]) + parity * dm.world * row;
+    const int* in = inbox_row(peers, dm, dm.rank, 0);
     __shared__ int need[EP_MAX_WORLD];
     if (threadIdx.x < dm.world) {
         const int d = threadIdx.x;
@@ -380,17 +398,17 @@ __device__ void notify(const EpPeers& peers, const EpDims& dm, const int* counts
 }
 
 // A dispatch's first kernel: routing in blocks 0..world (see route_block), then the count
-// exchange in whichever block finishes last (see notify), which also stores the call number.
-// world + 1 blocks.
+// exchange in whichever block finishes last (see notify), which also publishes this rank's receive
+// slot and stores the call number. world + 1 blocks.
 extern "C" __global__ void __launch_bounds__(1024)
     ep_route_notify(EpPeers peers, EpDims dm, const void* topk, int idx64, int num_tokens, const int* expert_rank,
-                    const int* local_experts, const int* capacity, int align, int* pos, int* counts,
-                    int* recv_base, int* my_base_on, int* out_per_src, int* out_per_expert, int* out_offsets,
-                    unsigned* done, int* err) {
+                    const int* local_experts, const int* capacity, int align, int recv_slot, int* pos,
+                    int* counts, int* recv_base, int* my_base_on, int* out_per_src, int* out_per_expert,
+                    int* out_offsets, unsigned* done, int* err) {
     route_block(dm, topk, idx64, num_tokens, expert_rank, pos, counts, err);
     if (!arrive_last(done)) return;
-    notify(peers, dm, counts, expert_rank, local_experts, capacity, align, recv_base, my_base_on, out_per_src,
-           out_per_expert, out_offsets, err);
+    notify(peers, dm, counts, expert_rank, local_experts, capacity, align, recv_slot, recv_base, my_base_on,
+           out_per_src, out_per_expert, out_offsets, err);
     __syncthreads();
     if (threadIdx.x == 0) commit_call(dm);
 }
@@ -398,22 +416,24 @@ extern "C" __global__ void __launch_bounds__(1024)
 // Sends every token once to each of its destination ranks: the x row, the scales row (when
 // `scales` is given: replays of gradients carry none), and (unless `payload_only`, i.e. a replay)
 // the row's metadata, straight into the destination's staging buffers at the row the routing gave
-// it. One warp per (token, destination), so every destination's link is busy at once. A replay
-// begins its call (dm.begins_call): it first waits until every rank entered it. The last block
+// it, in the receive slot the destination picked. One warp per (token, destination), so every
+// destination's link is busy at once. A replay begins its call (dm.begins_call): it first
+// publishes its own receive slot `recv_slot` and waits until every rank entered. The last block
 // raises the data flag on every peer.
 extern "C" __global__ void __launch_bounds__(1024)
     ep_dispatch_send(EpPeers peers, EpDims dm, const uint8_t* x, const float* scales, const void* topk, int idx64,
                      const float* weights, const int* expert_rank, const int* local_index, const int* pos,
-                     const int* my_base_on, int num_tokens, int payload_only, unsigned* done, int* err) {
+                     const int* my_base_on, int num_tokens, int payload_only, int recv_slot, unsigned* done,
+                     int* err) {
     const int lane = threadIdx.x & 31;
     const int K = dm.topk, S = dm.scale_cols, W = dm.world;
-    const bool go = (dm.begins_call ? enter_call(peers, dm, err) : true) && block_ok(err);
+    const bool go = (dm.begins_call ? enter_call(peers, dm, recv_slot, err) : true) && block_ok(err);
     const int64_t items = static_cast<int64_t>(num_tokens) * W;
     for (int64_t item = warp_id(); go && item < items; item += warp_count()) {
         const int p = pos[item];
         if (p < 0) continue;
         const int t = static_cast<int>(item / W), d = static_cast<int>(item - static_cast<int64_t>(t) * W);
-        const int64_t row = my_base_on[d] + p;
+        const int64_t row = slot_base(peers, dm, d) + my_base_on[d] + p;
         warp_copy<true>(reinterpret_cast<uint8_t*>(peers.stage_x[d]) + row * dm.stage_row_bytes,
                         x + static_cast<int64_t>(t) * dm.x_row_bytes, dm.x_row_bytes, lane);
         if (S > 0 && scales) {
@@ -438,8 +458,10 @@ extern "C" __global__ void __launch_bounds__(1024)
     finish_phase(peers, dm, done, EP_SIG_DATA, true);
 }
 
-// Token-major layout: waits for every rank's rows, which are staged in (source, token) order, and
-// copies them out, with their metadata unless `payload_only`. Also keeps, for the handle, each
+// Token-major layout: waits for every rank's rows, which are staged (in this call's receive slot:
+// `stage_*` point at it) in (source, token) order, and copies them out (the payload only when
+// `out_x`: an output that is the slot itself needs no copy), with their metadata unless
+// `payload_only`. Also keeps, for the handle, each
 // row's (source, token) and local slot ids, and marks the output rows past the valid ones (src
 // and topk_idx -1, weights 0; their payload is unspecified). One warp per row.
 extern "C" __global__ void __launch_bounds__(1024)
@@ -590,6 +612,36 @@ __device__ __forceinline__ bool vector_rows(const EpDims& dm, const void* p) {
     return dm.hidden % Vec16<T>::kLen == 0 && aligned16(p);
 }
 
+// Adds, in ascending order of i, term i of every source i set in `sources` (a warp-uniform bit set
+// of at most 32) into one 16-byte vector's accumulators: acc = acc + v when `unit`, else
+// fmaf(weight_of(i), v, acc). Loads kBatch sources at once so their latencies overlap; the adds
+// stay in order. vector_of(i) is source i's vector.
+template <typename T, int kBatch, typename VectorOf, typename WeightOf>
+__device__ __forceinline__ void accumulate_sources(float (&acc)[Vec16<T>::kLen], unsigned sources, bool read_only,
+                                                   bool unit, VectorOf vector_of, WeightOf weight_of) {
+    while (sources) {
+        int idx[kBatch];
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+            idx[u] = sources ? __ffs(sources) - 1 : -1;
+            sources &= sources - 1;
+        }
+        Vec16<T> in[kBatch];
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+            if (idx[u] >= 0) in[u].load(vector_of(idx[u]), read_only);
+        }
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+            if (idx[u] < 0) continue;
+            const float w = unit ? 1.f : weight_of(idx[u]);
+#pragma unroll
+            for (int i = 0; i < Vec16<T>::kLen; ++i)
+                acc[i] = unit ? acc[i] + widen(in[u].e[i]) : fmaf(w, widen(in[u].e[i]), acc[i]);
+        }
+    }
+}
+
 // Each expert rank sends, for every staged row j (source s, token t), one row back to s: token-
 // major y[j] itself; expert-major the partial sum over j's expansions in ascending slot order of
 // w(row) * y[row] (fmaf from +0.0), rounded once. `weights`: per-row weights overriding the
@@ -607,7 +659,7 @@ __device__ void combine_send(const EpPeers& peers, const EpDims& dm, const T* y,
     // Too few rows handed back: send nothing and raise no flag, so the sources time out naming
     // this rank rather than reduce rows it never sent.
     const bool covered = rows_cover(dm, recv_base, offsets, rows_given, err);
-    const bool go = enter_call(peers, dm, err) && covered;
+    const bool go = enter_call(peers, dm, -1, err) && covered;
     const bool vec = vector_rows<T>(dm, y);
     for (int j = warp_id(); go && j < rows; j += warp_count()) {
         const int s = row_src[2 * j];
@@ -617,21 +669,17 @@ __device__ void combine_send(const EpPeers& peers, const EpDims& dm, const T* y,
         if (!expert_major) {
             warp_copy<true>(reinterpret_cast<uint8_t*>(dst), reinterpret_cast<const uint8_t*>(y + static_cast<int64_t>(j) * H),
                             static_cast<int64_t>(H) * sizeof(T), lane);
-        } else if (vec) {
+        } else if (vec && K <= 32) {
+            const unsigned slots = __ballot_sync(0xffffffffu, lane < K && er[lane] >= 0);
             for (int v = lane; v < H / V::kLen; v += 32) {
                 float acc[V::kLen];
 #pragma unroll
                 for (int i = 0; i < V::kLen; ++i) acc[i] = 0.f;
-                for (int k = 0; k < K; ++k) {
-                    const int r = er[k];
-                    if (r < 0) continue;
-                    V in;
-                    in.load(reinterpret_cast<const int4*>(y + static_cast<int64_t>(r) * H) + v, true);
-                    const float w = unit_weights ? 1.f : (weights ? weights[r] : row_weights[r]);
-#pragma unroll
-                    for (int i = 0; i < V::kLen; ++i)
-                        acc[i] = unit_weights ? acc[i] + widen(in.e[i]) : fmaf(w, widen(in.e[i]), acc[i]);
-                }
+                // Two batched loads: a token has about K / world slots on one rank.
+                accumulate_sources<T, 2>(
+                    acc, slots, true, unit_weights,
+                    [&](int k) { return reinterpret_cast<const int4*>(y + static_cast<int64_t>(er[k]) * H) + v; },
+                    [&](int k) { return weights ? weights[er[k]] : row_weights[er[k]]; });
                 V out;
 #pragma unroll
                 for (int i = 0; i < V::kLen; ++i) out.e[i] = narrow<T>(acc[i]);
@@ -681,17 +729,14 @@ __device__ void combine_reduce(const EpDims& dm, const T* back, const float* bac
         const int* p = pos + static_cast<int64_t>(t) * dm.world;
         const auto back_row = [&](int d) { return back + (static_cast<int64_t>(d) * dm.max_tokens + p[d]) * H; };
         if (out && vec) {
+            const unsigned sources = __ballot_sync(0xffffffffu, lane < dm.world && p[lane] >= 0);
             for (int v = lane; v < H / V::kLen; v += 32) {
                 float acc[V::kLen];
 #pragma unroll
                 for (int i = 0; i < V::kLen; ++i) acc[i] = 0.f;
-                for (int d = 0; d < dm.world; ++d) {
-                    if (p[d] < 0) continue;
-                    V in;
-                    in.load(reinterpret_cast<const int4*>(back_row(d)) + v, false);
-#pragma unroll
-                    for (int i = 0; i < V::kLen; ++i) acc[i] = acc[i] + widen(in.e[i]);
-                }
+                accumulate_sources<T, 4>(
+                    acc, sources, false, true, [&](int d) { return reinterpret_cast<const int4*>(back_row(d)) + v; },
+                    [](int) { return 1.f; });
                 V o;
 #pragma unroll
                 for (int i = 0; i < V::kLen; ++i) o.e[i] = narrow<T>(acc[i]);

@@ -17,16 +17,20 @@
 #define EP_ERR_CAPACITY 3   // a = rank, b = rows needed, c = capacity
 #define EP_ERR_ROWS 4       // a = rows needed, b = rows given (combine's y and the other per-row inputs)
 
+// A rank's row in the inbox: its count per destination rank, per expert, then the receive slot it
+// picked for the call (which part of its staging buffers peers write this call's rows into).
+#define EP_INBOX_ROW(world, E) ((world) + (E) + 1)
+
 // Staged row metadata: source rank, token, K local slot ids (-1 elsewhere), K weights (f32 bits).
 #define EP_META_INTS(K) (2 + 2 * (K))
 
 // Addresses of every rank's shared buffers, as this rank maps them.
 struct EpPeers {
     uint64_t signals[EP_MAX_WORLD];       // u64 [EP_NUM_SIGNALS][EP_MAX_WORLD]
-    uint64_t inbox[EP_MAX_WORLD];         // i32 [2][world][world + E]
-    uint64_t stage_x[EP_MAX_WORLD];       // [world * max_tokens][stage_row_bytes]
-    uint64_t stage_scales[EP_MAX_WORLD];  // f32 [world * max_tokens][S]
-    uint64_t stage_meta[EP_MAX_WORLD];    // i32 [world * max_tokens][EP_META_INTS(K)]
+    uint64_t inbox[EP_MAX_WORLD];         // i32 [2][world][EP_INBOX_ROW]
+    uint64_t stage_x[EP_MAX_WORLD];       // [slots][world * max_tokens][stage_row_bytes]
+    uint64_t stage_scales[EP_MAX_WORLD];  // f32 [slots][world * max_tokens][S]
+    uint64_t stage_meta[EP_MAX_WORLD];    // i32 [slots][world * max_tokens][EP_META_INTS(K)]
     uint64_t back[EP_MAX_WORLD];          // combine dtype [world][max_tokens][H]
     uint64_t back_side[EP_MAX_WORLD];     // f32 [world][max_tokens][K]
 };

@@ -59,7 +59,8 @@ pub(crate) fn check_configs<'a>(
 /// A backend's private routing state inside a [`crate::Handle`].
 pub(crate) enum BackendHandle {
     Cpu(cpu::CpuHandle),
-    Cuda(cuda::CudaHandle),
+    // Boxed: the CUDA routing state is several device buffers, the CPU one a few vectors.
+    Cuda(Box<cuda::CudaHandle>),
 }
 
 /// Dispatch arguments after validation: shapes, dtypes and devices match the config.

@@ -229,6 +229,7 @@ impl Kernels {
         local_experts: u64,
         capacity: u64,
         align: i32,
+        recv_slot: i32,
         pos: u64,
         counts: u64,
         recv_base: u64,
@@ -253,6 +254,7 @@ impl Kernels {
             Arg::Ptr(local_experts),
             Arg::Ptr(capacity),
             Arg::Int(align),
+            Arg::Int(recv_slot),
             Arg::Ptr(pos),
             Arg::Ptr(counts),
             Arg::Ptr(recv_base),
@@ -284,6 +286,7 @@ impl Kernels {
         my_base_on: u64,
         num_tokens: i32,
         payload_only: bool,
+        recv_slot: i32,
         done: u64,
         err: u64,
     ) -> Result<(), String> {
@@ -301,6 +304,7 @@ impl Kernels {
             Arg::Ptr(my_base_on),
             Arg::Int(num_tokens),
             Arg::Int(payload_only as i32),
+            Arg::Int(recv_slot),
             Arg::Ptr(done),
             Arg::Ptr(err),
         ];

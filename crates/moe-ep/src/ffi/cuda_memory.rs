@@ -14,6 +14,7 @@ pub(crate) fn describe(what: &str, e: DriverError) -> String {
 /// address (peer access in one process; IPC export later). Used for the buffers peers write into.
 pub(crate) struct SharedBuffer {
     ptr: sys::CUdeviceptr,
+    bytes: usize,
     ctx: Arc<CudaContext>,
 }
 
@@ -30,6 +31,7 @@ impl SharedBuffer {
         unsafe { result::memset_d8_sync(ptr, 0, bytes) }.map_err(|e| describe("cuMemsetD8", e))?;
         Ok(SharedBuffer {
             ptr,
+            bytes,
             ctx: ctx.clone(),
         })
     }
@@ -122,12 +124,16 @@ impl Drop for SharedBuffer {
     }
 }
 
-/// Stream-ordered device memory (`cuMemAllocAsync`), freed on the same stream when dropped: the
-/// outputs and handle state of each call, which only this rank touches.
+/// Device memory used on one stream: either its own stream-ordered allocation
+/// (`cuMemAllocAsync`, freed on the same stream when dropped: the outputs and handle state of each
+/// call, which only this rank touches), or a region of a [`SharedBuffer`] that something else
+/// owns and this value keeps alive (an output handed out straight from where peers wrote it).
 pub(crate) struct StreamBuffer {
     ptr: sys::CUdeviceptr,
     bytes: usize,
     stream: Stream,
+    /// Set for a region of memory owned elsewhere: what keeps it alive; nothing is freed.
+    owner: Option<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 impl StreamBuffer {
@@ -147,6 +153,28 @@ impl StreamBuffer {
             ptr,
             bytes,
             stream: stream.clone(),
+            owner: None,
+        })
+    }
+
+    /// `bytes` bytes at `offset` in the shared buffer `region(&owner)`, kept alive by `owner` as
+    /// long as the returned value lives; `None` when the range does not fit in the region.
+    pub(crate) fn region_of<O: Send + Sync + 'static>(
+        stream: &Stream,
+        owner: Arc<O>,
+        region: impl Fn(&O) -> &SharedBuffer,
+        offset: usize,
+        bytes: usize,
+    ) -> Option<Self> {
+        // Every use of a StreamBuffer's address relies on this: the range lies inside the region,
+        // which `owner` keeps allocated as long as the value lives.
+        let r = region(&owner);
+        let (base, size) = (r.ptr(), r.bytes);
+        (offset.checked_add(bytes)? <= size).then(|| StreamBuffer {
+            ptr: base + offset as u64,
+            bytes,
+            stream: stream.clone(),
+            owner: Some(owner),
         })
     }
 
@@ -223,7 +251,7 @@ impl StreamBuffer {
 
 impl Drop for StreamBuffer {
     fn drop(&mut self) {
-        if self.stream.context().bind_to_thread().is_ok() {
+        if self.owner.is_none() && self.stream.context().bind_to_thread().is_ok() {
             // SAFETY: allocated with cuMemAllocAsync on this stream and freed only here; work
             // queued on the stream before this point still sees the memory.
             let _ = unsafe { result::free_async(self.ptr, self.stream.raw()) };

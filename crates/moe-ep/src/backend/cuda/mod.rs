@@ -28,7 +28,7 @@ use crate::output::{
 };
 use crate::placement::Placement;
 use crate::tensor::{Device, Tensor, TensorRef};
-use buffers::SharedBuffers;
+use buffers::{SharedBuffers, STAGE_SLOTS};
 use cudarc::driver::CudaContext;
 use std::sync::Arc;
 
@@ -210,6 +210,20 @@ fn elem(dtype: DType) -> Elem {
     }
 }
 
+/// The receive slot of one call (see `buffers::STAGE_SLOTS`), and, when its payload rows are
+/// handed out as the output itself, the lease that keeps the slot from being picked again while
+/// that output lives.
+struct RecvSlot {
+    index: usize,
+    lease: Option<Arc<SlotLease>>,
+}
+
+/// What an output handed out from a receive slot holds: the buffers, and the slot's lease.
+struct SlotLease {
+    shared: Arc<SharedBuffers>,
+    _lease: Arc<()>,
+}
+
 /// SMs the data kernels use unless `EpConfig::num_sms` says otherwise.
 const DEFAULT_NUM_SMS: u32 = 24;
 
@@ -265,6 +279,8 @@ pub(crate) struct CudaBackend {
     /// u64 on the device: the number of the current call, advanced by each call's first kernel.
     epoch: StreamBuffer,
     blocks: u32,
+    /// One per receive slot: a slot is leased while a clone of its Arc lives in an output.
+    slot_leases: Vec<Arc<()>>,
     /// Host rounds (`all_gather_host`) made so far.
     host_rounds: u64,
     /// Where this dispatcher's calls run: the rank's stream, or one the caller set.
@@ -354,6 +370,7 @@ impl CudaBackend {
             err,
             epoch,
             blocks,
+            slot_leases: (0..STAGE_SLOTS).map(|_| Arc::new(())).collect(),
             host_rounds: 0,
             stream,
         })
@@ -485,6 +502,7 @@ impl CudaBackend {
         x: u64,
         scales: Option<u64>,
         num_tokens: usize,
+        slot: &RecvSlot,
     ) -> Result<()> {
         let r = self.kernels.dispatch_send(
             self.stream(),
@@ -502,32 +520,80 @@ impl CudaBackend {
             h.my_base_on.ptr(),
             i32_of(num_tokens),
             true,
+            i32_of(slot.index),
             self.done.ptr(),
             self.err.ptr(),
         );
         self.check(r)
     }
 
+    /// The receive slot of a call: the first one free. Its rows may be handed out as the output
+    /// (`may_lease`: the output's rows are laid out as the staged rows) only while another slot
+    /// stays free for the next call; otherwise the layout copies them out.
+    fn pick_slot(&self, may_lease: bool) -> RecvSlot {
+        let free: Vec<usize> = (0..STAGE_SLOTS)
+            .filter(|&i| Arc::strong_count(&self.slot_leases[i]) == 1)
+            .collect();
+        let index = *free
+            .first()
+            .expect("a slot is leased only while another one stays free");
+        let lease = (may_lease && free.len() >= 2).then(|| {
+            Arc::new(SlotLease {
+                shared: self.shared.clone(),
+                _lease: self.slot_leases[index].clone(),
+            })
+        });
+        RecvSlot { index, lease }
+    }
+
     /// Output tensors for `out_rows` payload rows of `dtype`, and their scales when `with_scales`
-    /// and the dispatcher has scale columns.
+    /// and the dispatcher has scale columns: the receive slot's rows themselves when it is leased
+    /// (the returned flag is then true: nothing to copy), else fresh memory.
     fn payload_tensors(
         &self,
         out_rows: usize,
         dtype: DType,
         with_scales: bool,
-    ) -> Result<(Tensor, Option<Tensor>)> {
+        slot: &RecvSlot,
+    ) -> Result<(Tensor, Option<Tensor>, bool)> {
         let s_cols = self.config.scale_columns;
+        let hidden = self.config.hidden;
+        let with_scales = with_scales && s_cols > 0;
+        if let Some(lease) = &slot.lease {
+            let (x_at, scales_at) = self.shared.slot_offsets(slot.index);
+            let view = |at: usize, bytes: usize, region: fn(&SlotLease) -> &mem::SharedBuffer| {
+                StreamBuffer::region_of(self.stream(), lease.clone(), region, at, bytes)
+                    .expect("a slot holds its rows")
+            };
+            let x = view(x_at, out_rows * hidden * dtype.size(), |l| {
+                &l.shared.stage_x
+            });
+            let x = Tensor::on_device(x, &[out_rows, hidden], dtype)?;
+            let scales = with_scales
+                .then(|| {
+                    let b = view(scales_at, out_rows * s_cols * 4, |l| &l.shared.stage_scales);
+                    Tensor::on_device(b, &[out_rows, s_cols], DType::F32)
+                })
+                .transpose()?;
+            return Ok((x, scales, true));
+        }
         // Rows past the valid ones keep unspecified payload (docs/semantics.md).
-        let x = self.tensor(out_rows, Some(self.config.hidden), dtype)?;
-        let scales = (with_scales && s_cols > 0)
+        let x = self.tensor(out_rows, Some(hidden), dtype)?;
+        let scales = with_scales
             .then(|| self.tensor(out_rows, Some(s_cols), DType::F32))
             .transpose()?;
-        Ok((x, scales))
+        Ok((x, scales, false))
+    }
+
+    /// Whether a token-major output of `dtype` can be its receive slot's rows (same row size).
+    fn slot_holds_rows_of(&self, dtype: DType) -> bool {
+        self.shared.stage_row_bytes == self.config.hidden * dtype.size()
     }
 
     /// Once every rank's rows arrived, lays the staged payload out in the recorded rows:
     /// `[out_rows, H]` of `dtype`, and the scales when `with_scales` (the dispatcher has scale
     /// columns and the payload carried them).
+    #[allow(clippy::too_many_arguments)]
     fn place_payload(
         &self,
         dm: EpDims,
@@ -535,20 +601,27 @@ impl CudaBackend {
         out_rows: usize,
         dtype: DType,
         with_scales: bool,
+        slot: &RecvSlot,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let hidden = self.config.hidden;
-        let (x, scales) = self.payload_tensors(out_rows, dtype, with_scales)?;
+        let (x, scales, in_place) = self.payload_tensors(out_rows, dtype, with_scales, slot)?;
         let out_row_bytes = i32_of(hidden * dtype.size());
-        let x_ptr = x.device_ptr().expect("device tensor");
-        let sc_ptr = ptr_or_null(scales.as_ref().and_then(Tensor::device_ptr));
+        let (x_ptr, sc_ptr) = match in_place {
+            true => (0, 0),
+            false => (
+                x.device_ptr().expect("device tensor"),
+                ptr_or_null(scales.as_ref().and_then(Tensor::device_ptr)),
+            ),
+        };
+        let stage = self.shared.slot(slot.index);
         let r = match &h.exp_rows {
             None => self.kernels.layout_token_major(
                 self.stream(),
                 self.grid(),
                 dm,
-                self.shared.stage_x.ptr(),
-                self.shared.stage_scales.ptr(),
-                self.shared.stage_meta.ptr(),
+                stage.x,
+                stage.scales,
+                stage.meta,
                 h.recv_base.ptr(),
                 true,
                 out_row_bytes,
@@ -566,8 +639,8 @@ impl CudaBackend {
                 self.stream(),
                 self.grid(),
                 dm,
-                self.shared.stage_x.ptr(),
-                self.shared.stage_scales.ptr(),
+                stage.x,
+                stage.scales,
                 h.recv_base.ptr(),
                 exp_rows.ptr(),
                 out_row_bytes,
@@ -795,6 +868,8 @@ impl Backend for CudaBackend {
         let stage_rows = self.stage_rows();
         let cap = self.capacity_of_me();
         let has_weights = args.weights.is_some();
+        let slot = self.pick_slot(expert_major.is_none() && self.slot_holds_rows_of(c.dtype));
+        let stage = self.shared.slot(slot.index);
 
         let pos = self.alloc(num_tokens * world * 4)?;
         let counts = self.alloc((world + c.num_experts) * 4)?;
@@ -818,6 +893,7 @@ impl Backend for CudaBackend {
             self.local_experts.ptr(),
             self.capacity.ptr(),
             expert_major.map_or(0, i32_of),
+            i32_of(slot.index),
             pos.ptr(),
             counts.ptr(),
             recv_base.ptr(),
@@ -845,6 +921,7 @@ impl Backend for CudaBackend {
             my_base_on.ptr(),
             i32_of(num_tokens),
             false,
+            -1,
             self.done.ptr(),
             self.err.ptr(),
         );
@@ -874,20 +951,24 @@ impl Backend for CudaBackend {
                     .then(|| self.tensor(cap, Some(kk), DType::F32))
                     .transpose()?;
                 // The full layout below copies the payload with the metadata.
-                let (x, scales) = self.payload_tensors(cap, c.dtype, true)?;
+                let (x, scales, in_place) = self.payload_tensors(cap, c.dtype, true, &slot)?;
+                let payload_ptr = |t: Option<&Tensor>| match in_place {
+                    true => 0,
+                    false => ptr_or_null(t.and_then(Tensor::device_ptr)),
+                };
                 let r = self.kernels.layout_token_major(
                     self.stream(),
                     self.grid(),
                     dm,
-                    self.shared.stage_x.ptr(),
-                    self.shared.stage_scales.ptr(),
-                    self.shared.stage_meta.ptr(),
+                    stage.x,
+                    stage.scales,
+                    stage.meta,
                     handle.recv_base.ptr(),
                     false,
                     i32_of(hidden * c.dtype.size()),
                     i32_of(cap),
-                    x.device_ptr().expect("device"),
-                    ptr_or_null(scales.as_ref().and_then(Tensor::device_ptr)),
+                    payload_ptr(Some(&x)),
+                    payload_ptr(scales.as_ref()),
                     topk_out.device_ptr().expect("device"),
                     ptr_or_null(w.as_ref().and_then(Tensor::device_ptr)),
                     src_ptr,
@@ -909,7 +990,7 @@ impl Backend for CudaBackend {
                 let r = self.kernels.layout_expert_major(
                     self.stream(),
                     dm,
-                    self.shared.stage_meta.ptr(),
+                    stage.meta,
                     handle.recv_base.ptr(),
                     offsets
                         .as_ref()
@@ -935,7 +1016,7 @@ impl Backend for CudaBackend {
         let (x, scales, topk_idx) = match topk_out {
             Some((x, scales, t)) => (x, scales, Some(t)),
             None => {
-                let (x, scales) = self.place_payload(dm, &handle, cap, c.dtype, true)?;
+                let (x, scales) = self.place_payload(dm, &handle, cap, c.dtype, true, &slot)?;
                 (x, scales, None)
             }
         };
@@ -984,7 +1065,7 @@ impl Backend for CudaBackend {
             output,
             num_rows,
             out_rows,
-            state: BackendHandle::Cuda(handle),
+            state: BackendHandle::Cuda(Box::new(handle)),
         })
     }
 
@@ -995,16 +1076,19 @@ impl Backend for CudaBackend {
         scales: Option<TensorRef<'_>>,
     ) -> Result<CachedDispatchOutput> {
         let h = cuda_state(handle);
-        let row_bytes = self.config.hidden * self.config.dtype.size();
+        let dtype = self.config.dtype;
+        let row_bytes = self.config.hidden * dtype.size();
+        let slot = self.pick_slot(h.exp_rows.is_none() && self.slot_holds_rows_of(dtype));
         self.send_payload(
             self.dims(row_bytes, true),
             h,
             ptr_of(&x),
             scales.as_ref().map(ptr_of),
             handle.num_tokens,
+            &slot,
         )?;
         let dm = self.dims(row_bytes, false);
-        let (x, scales) = self.place_payload(dm, h, handle.out_rows, self.config.dtype, true)?;
+        let (x, scales) = self.place_payload(dm, h, handle.out_rows, dtype, true, &slot)?;
         self.finish_exact()?;
         Ok(CachedDispatchOutput { x, scales })
     }
@@ -1075,11 +1159,13 @@ impl Backend for CudaBackend {
         let cd = self.config.combine_dtype;
         let row_bytes = self.config.hidden * cd.size();
         let first = self.dims(row_bytes, true);
-        self.send_payload(first, h, ptr_of(&grad_out), None, handle.num_tokens)?;
+        let slot = self.pick_slot(h.exp_rows.is_none() && self.slot_holds_rows_of(cd));
+        let grad = ptr_of(&grad_out);
+        self.send_payload(first, h, grad, None, handle.num_tokens, &slot)?;
         let dm = self.dims(row_bytes, false);
         let Some(exp_rows) = &h.exp_rows else {
             // Token-major combine is an unweighted sum: its backward is a replay of grad_out.
-            let (grad_y, _) = self.place_payload(dm, h, handle.out_rows, cd, false)?;
+            let (grad_y, _) = self.place_payload(dm, h, handle.out_rows, cd, false, &slot)?;
             self.finish_exact()?;
             return Ok(CombineBackwardOutput {
                 grad_y,
@@ -1094,7 +1180,7 @@ impl Backend for CudaBackend {
             self.grid(),
             &self.peers,
             dm,
-            self.shared.stage_x.ptr(),
+            self.shared.slot(slot.index).x,
             ptr_or_null(y.as_ref().map(ptr_of)),
             h.row_weights.as_ref().expect("expert-major handle").ptr(),
             h.recv_base.ptr(),
