@@ -43,6 +43,7 @@ mod placement;
 pub mod probe;
 pub mod routing;
 mod tensor;
+mod timer;
 mod validate;
 
 pub use config::{EpConfig, EpConfigBuilder, Layout, OutputSizing, PlacementSpec, MAX_TOPK};
@@ -58,3 +59,4 @@ pub use output::{
 };
 pub use placement::Placement;
 pub use tensor::{Device, Shape, Tensor, TensorRef};
+pub use timer::{Timed, Timer};

@@ -1,0 +1,148 @@
+//! [`Timer`]: how long a span of calls takes as the device sees it. On the CUDA backend, two CUDA
+//! events recorded on the stream the calls run on (so the time excludes the host's wait for the
+//! result and includes everything queued between them); on the CPU backend, where every call is
+//! complete when it returns, the host clock.
+
+use crate::dispatcher::Dispatcher;
+use crate::error::{EpError, Result};
+use crate::ffi::cuda_event::{primary_context, Event};
+use crate::tensor::Device;
+use std::time::{Duration, Instant};
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// Work a [`Timer`] can time: a [`Dispatcher`]'s calls. Implemented inside this crate only.
+pub trait Timed: sealed::Sealed {
+    /// The device ordinal and raw `CUstream` the calls run on; `None` when they run on the host.
+    #[doc(hidden)]
+    fn timing_stream(&self) -> Option<(u32, u64)>;
+}
+
+impl sealed::Sealed for Dispatcher {}
+
+impl Timed for Dispatcher {
+    fn timing_stream(&self) -> Option<(u32, u64)> {
+        match (self.device(), self.cuda_stream()) {
+            (Device::Cuda(ordinal), Some(stream)) => Some((ordinal, stream)),
+            _ => None,
+        }
+    }
+}
+
+/// A started measurement: [`Timer::start`] (or [`Dispatcher::timer`]) before the calls,
+/// [`Timer::stop`] after them.
+pub struct Timer {
+    inner: Inner,
+}
+
+enum Inner {
+    Host(Instant),
+    Cuda {
+        ordinal: u32,
+        start: Event,
+        end: Event,
+    },
+}
+
+fn device_error(reason: String) -> EpError {
+    EpError::BackendUnavailable {
+        backend: "cuda",
+        reason,
+    }
+}
+
+impl Timer {
+    /// Starts timing the work `on` queues from now: records a CUDA event on its stream, or reads
+    /// the host clock.
+    pub fn start(on: &impl Timed) -> Result<Timer> {
+        let inner = match on.timing_stream() {
+            None => Inner::Host(Instant::now()),
+            Some((ordinal, _)) => {
+                // Both events exist before the span starts, so creating them is not timed.
+                let ctx = primary_context(ordinal).map_err(device_error)?;
+                let start = Event::timing(&ctx).map_err(device_error)?;
+                let end = Event::timing(&ctx).map_err(device_error)?;
+                start.record_on(on).map_err(device_error)?;
+                Inner::Cuda {
+                    ordinal,
+                    start,
+                    end,
+                }
+            }
+        };
+        Ok(Timer { inner })
+    }
+
+    /// Ends the span after the work `on` queued so far, waits for that work, and returns the time
+    /// from the start. `on` is what the timer was started on (another object of the same device
+    /// works too: events of one device compare).
+    pub fn stop(self, on: &impl Timed) -> Result<Duration> {
+        match self.inner {
+            Inner::Host(start) => Ok(start.elapsed()),
+            Inner::Cuda {
+                ordinal,
+                start,
+                end,
+            } => {
+                match on.timing_stream() {
+                    Some((o, _)) if o == ordinal => {}
+                    other => {
+                        return Err(EpError::Device {
+                            arg: "on",
+                            expected: Device::Cuda(ordinal).to_string(),
+                            actual: other
+                                .map_or(Device::Host, |(o, _)| Device::Cuda(o))
+                                .to_string(),
+                        })
+                    }
+                }
+                end.record_on(on).map_err(device_error)?;
+                end.synchronize().map_err(device_error)?;
+                end.elapsed_since(&start).map_err(device_error)
+            }
+        }
+    }
+}
+
+impl Dispatcher {
+    /// Starts a [`Timer`] on this dispatcher's stream: `let t = ep.timer()?; ep.dispatch(..)?;
+    /// let took = t.stop(&ep)?;`. The time is what the device spent from the start event to the
+    /// end event, so a caller's host-side barrier before the span is not counted; errors the
+    /// device found are still returned by [`Dispatcher::synchronize`].
+    pub fn timer(&self) -> Result<Timer> {
+        Timer::start(self)
+    }
+}
+
+impl std::fmt::Debug for Timer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.inner {
+            Inner::Host(_) => f.write_str("Timer(host clock)"),
+            Inner::Cuda { ordinal, .. } => write!(f, "Timer(cuda:{ordinal} events)"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Dispatcher, EpConfig, Group};
+
+    #[test]
+    fn cpu_timers_read_the_host_clock() {
+        let config = EpConfig::builder()
+            .num_experts(2)
+            .topk(1)
+            .hidden(4)
+            .max_tokens_per_rank(1)
+            .build()
+            .unwrap();
+        let group = Group::cpu_world(1).unwrap().remove(0);
+        let ep = Dispatcher::new(&group, config).unwrap();
+        let timer = ep.timer().unwrap();
+        assert_eq!(format!("{timer:?}"), "Timer(host clock)");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        assert!(timer.stop(&ep).unwrap() >= std::time::Duration::from_millis(2));
+    }
+}
