@@ -830,3 +830,4 @@ __device__ void combine_backward_expert(const EpPeers& peers, const EpDims& dm, 
 EP_INSTANTIATE(bf16, __nv_bfloat16)
 EP_INSTANTIATE(f16, __half)
 EP_INSTANTIATE(f32, float)
+#include "baseline.cu"

@@ -29,6 +29,7 @@
 //! ```
 
 mod backend;
+pub mod baseline;
 mod config;
 mod dispatcher;
 mod dtype;

@@ -13,7 +13,8 @@ mod sealed {
     pub trait Sealed {}
 }
 
-/// Work a [`Timer`] can time: a [`Dispatcher`]'s calls. Implemented inside this crate only.
+/// Work a [`Timer`] can time: a [`Dispatcher`]'s calls, or a benchmark baseline's
+/// ([`crate::baseline`]). Implemented inside this crate only.
 pub trait Timed: sealed::Sealed {
     /// The device ordinal and raw `CUstream` the calls run on; `None` when they run on the host.
     #[doc(hidden)]
@@ -30,6 +31,9 @@ impl Timed for Dispatcher {
         }
     }
 }
+
+impl sealed::Sealed for crate::baseline::NcclBaselines {}
+impl sealed::Sealed for crate::baseline::Ceiling {}
 
 /// A started measurement: [`Timer::start`] (or [`Dispatcher::timer`]) before the calls,
 /// [`Timer::stop`] after them.

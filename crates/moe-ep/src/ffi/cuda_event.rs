@@ -1,6 +1,8 @@
-//! CUDA events (libcuda through cudarc's `result` layer): timing a span of a stream's work.
+//! CUDA events (libcuda through cudarc's `result` layer): timing a span of a stream's work, and
+//! ordering one stream after another (the fork and join of the copy-engine ceiling's streams).
 
 use super::cuda_memory::describe;
+use super::cuda_stream::Stream;
 use cudarc::driver::{result, sys, CudaContext};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +20,11 @@ impl Event {
         Self::create(ctx, sys::CUevent_flags::CU_EVENT_DEFAULT)
     }
 
+    /// An event only for ordering streams (cheaper: no timestamp).
+    pub(crate) fn ordering(ctx: &Arc<CudaContext>) -> Result<Self, String> {
+        Self::create(ctx, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+    }
+
     fn create(ctx: &Arc<CudaContext>, flags: sys::CUevent_flags) -> Result<Self, String> {
         ctx.bind_to_thread()
             .map_err(|e| describe("binding the context", e))?;
@@ -32,15 +39,21 @@ impl Event {
         self.raw as sys::CUevent
     }
 
+    /// Records the event after the work queued so far on `stream`.
+    pub(crate) fn record(&self, stream: &Stream) -> Result<(), String> {
+        // SAFETY: `stream` is a live stream (Stream's invariant) and the event is ours and alive.
+        unsafe { self.record_raw(stream.raw()) }
+    }
+
     /// Records the event after the work queued so far on the stream a [`crate::Timed`] value's
     /// calls run on.
     pub(crate) fn record_on(&self, on: &impl crate::timer::Timed) -> Result<(), String> {
         let (_, stream) = on
             .timing_stream()
             .ok_or("recording an event for work that does not run on a CUDA stream")?;
-        // SAFETY: `Timed` is sealed: its implementations (the dispatcher) return the
-        // stream their calls run on, which stays alive at least as long as they are borrowed here
-        // (the dispatcher's own stream, or one the caller promised to keep alive as long as the
+        // SAFETY: `Timed` is sealed: its implementations (the dispatcher, the baselines) return
+        // the stream their calls run on, which stays alive at least as long as they are borrowed
+        // here (their own stream, or one the caller promised to keep alive as long as the
         // dispatcher, see `Dispatcher::set_cuda_stream`).
         unsafe { self.record_raw(stream as sys::CUstream) }
     }
@@ -54,6 +67,22 @@ impl Event {
         // SAFETY: the event is alive (destroyed only in Drop); the caller guarantees the stream.
         unsafe { result::event::record(self.raw(), stream) }
             .map_err(|e| describe("cuEventRecord", e))
+    }
+
+    /// Makes the work queued later on `stream` wait until this event's work is done (no host wait).
+    pub(crate) fn make_wait(&self, stream: &Stream) -> Result<(), String> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| describe("binding the context", e))?;
+        // SAFETY: both the stream (Stream's invariant) and the event are alive.
+        unsafe {
+            result::stream::wait_event(
+                stream.raw(),
+                self.raw(),
+                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+        }
+        .map_err(|e| describe("cuStreamWaitEvent", e))
     }
 
     /// Waits on the host until the recorded work is done.

@@ -1,7 +1,10 @@
 //! The unsafe edge: one module per foreign API, each stating the invariants its calls rely on.
 
+pub(crate) mod baseline_kernels;
 pub(crate) mod cuda_driver;
 pub(crate) mod cuda_event;
 pub(crate) mod cuda_kernels;
 pub(crate) mod cuda_memory;
 pub(crate) mod cuda_stream;
+pub(crate) mod device_buffer;
+pub(crate) mod nccl;
