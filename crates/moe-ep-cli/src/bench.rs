@@ -3,21 +3,28 @@
 //! process per GPU that this command starts, or joins when launched torchrun-style. Each rank runs
 //! [`rank_main`]; rank 0 gathers the timings and checks and prints the table.
 
-use crate::check::{self, LastOutputs};
-use crate::cli::{BackendChoice, BenchArgs, LaunchChoice, LayoutChoice, RoutingChoice};
-use crate::report::{self, ConfigReport, Report, Stats, TokensResult};
+use crate::check::{self, BaselineOutputs, LastOutputs};
+use crate::cli::{
+    BackendChoice, BaselineSet, BenchArgs, LaunchChoice, LayoutChoice, RoutingChoice,
+};
+use crate::report::{
+    self, BaselineResult, BaselinesReport, CeilingResult, ConfigReport, OpResult, Report, Stats,
+    TokensResult,
+};
 use crate::workload::{self, RankData, Shape};
 use half::bf16;
 use indicatif::{ProgressBar, ProgressStyle};
+use moe_ep::baseline::{reference, AllGatherShape, Ceiling, NcclBaselines};
 use moe_ep::probe;
 use moe_ep::{
-    DType, Dispatcher, EpConfig, EpError, Group, Layout, Placement, PlacementSpec, TensorRef,
+    DType, Dispatcher, EpConfig, EpError, Group, Layout, Placement, PlacementSpec, Tensor,
+    TensorRef,
 };
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::Duration;
 
 /// Default row alignment of the expert-major layout (a grouped GEMM's tile height).
 pub const DEFAULT_ALIGN: usize = 128;
@@ -30,6 +37,9 @@ const RUNNABLE: &[&str] = &["cuda", "cpu"];
 pub fn run(args: &BenchArgs) -> Result<ExitCode, String> {
     let backend = pick_backend(args.backend)?;
     let plan = Plan::new(args, backend)?;
+    if backend == "cuda" && plan.baselines.any() {
+        keep_nvlink_multicast_off();
+    }
     let launch = args.launch.unwrap_or(match backend {
         "cuda" => LaunchChoice::Processes,
         _ => LaunchChoice::Threads,
@@ -75,21 +85,30 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode, String> {
     }
 }
 
-/// Prints rank 0's table (and `--json`); a failed check is exit 1.
+/// Prints rank 0's tables (and `--json`, `--plot`); a failed check is exit 1.
 fn publish(report: &Report, args: &BenchArgs) -> Result<ExitCode, String> {
-    println!("{}", report::header(&report.config));
-    println!("{}", report::table(report));
+    report::print(report);
     if let Some(path) = &args.json {
         report::write_json(path, report)?;
     }
     if let Some(path) = &args.plot {
         crate::plot::latency_svg(path, report)?;
     }
-    let failed: Vec<&TokensResult> = report.results.iter().filter(|r| !r.check_ok).collect();
-    for r in &failed {
-        eprintln!("error: check failed for T={}: {}", r.tokens, r.check);
+    let mut failed = false;
+    for r in &report.results {
+        if !r.check_ok {
+            eprintln!("error: check failed for T={}: {}", r.tokens, r.check);
+            failed = true;
+        }
+        for b in r.baselines.iter().filter(|b| !b.check_ok) {
+            eprintln!(
+                "error: baseline {} check failed for T={}: {}",
+                b.name, r.tokens, b.check
+            );
+            failed = true;
+        }
     }
-    Ok(if failed.is_empty() {
+    Ok(if !failed {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -151,13 +170,27 @@ fn launch_processes(world: usize) -> Result<ExitCode, String> {
     })
 }
 
+/// One path's timed samples (microseconds) on one rank, one per timed iteration.
+#[derive(Serialize, Deserialize, Default)]
+struct PathSamples {
+    dispatch_us: Vec<f64>,
+    combine_us: Vec<f64>,
+    end_to_end_us: Vec<f64>,
+}
+
 /// What each rank tells rank 0 about one T.
 #[derive(Serialize, Deserialize)]
 struct RankSummary {
-    dispatch_us: Vec<f64>,
-    combine_us: Vec<f64>,
+    ours: PathSamples,
+    cached_us: Vec<f64>,
+    nccl: Option<PathSamples>,
+    allgather: Option<PathSamples>,
+    /// The copy-engine rounds of dispatch's bytes, then of combine's.
+    ceiling: Option<(Vec<f64>, Vec<f64>)>,
     /// The first mismatch with the oracle, if any.
     mismatch: Option<String>,
+    nccl_mismatch: Option<String>,
+    allgather_mismatch: Option<String>,
 }
 
 /// One T's inputs for every rank and what the oracle says each must get.
@@ -172,6 +205,99 @@ impl TokensWork {
         let expected = check::Expected::compute(&plan.config, &work.ranks, &to_combine_dtype);
         TokensWork { work, expected }
     }
+
+    /// `rows[s][d]`: the rows rank s's dispatch sends to rank d (the wire rule; d = s included).
+    fn rows_matrix(&self, plan: &Plan) -> Vec<Vec<usize>> {
+        self.work
+            .ranks
+            .iter()
+            .map(|r| reference::rows_per_destination(&r.topk_idx, plan.shape.topk, &plan.placement))
+            .collect()
+    }
+}
+
+/// The baselines one rank runs, and why the requested others do not (every rank gets the same
+/// errors, so rank 0's list is everyone's).
+struct RankBaselines {
+    nccl: Option<NcclBaselines>,
+    /// The ceiling's reason once it failed to set up (it is not tried again).
+    ceiling_skipped: Option<String>,
+    skipped: Vec<(String, String)>,
+}
+
+impl RankBaselines {
+    fn new(ep: &mut Dispatcher, want: BaselineSet) -> RankBaselines {
+        let mut skipped = Vec::new();
+        let nccl = match want.nccl || want.allgather {
+            false => None,
+            true => match NcclBaselines::new(ep) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    for (on, name) in [(want.nccl, "nccl"), (want.allgather, "allgather")] {
+                        if on {
+                            skipped.push((name.to_string(), skip_reason(&e)));
+                        }
+                    }
+                    None
+                }
+            },
+        };
+        RankBaselines {
+            nccl,
+            ceiling_skipped: None,
+            skipped,
+        }
+    }
+
+    fn skip(&mut self, name: &str, why: String) {
+        if !self.skipped.iter().any(|(n, w)| n == name && *w == why) {
+            self.skipped.push((name.to_string(), why));
+        }
+    }
+
+    /// The two copy-engine ceilings of one T (dispatch's bytes, combine's), or `None` after
+    /// recording why not.
+    fn ceilings(
+        &mut self,
+        ep: &mut Dispatcher,
+        plan: &Plan,
+        rows: &[Vec<usize>],
+    ) -> Option<(Ceiling, Ceiling)> {
+        if !plan.baselines.ceiling || self.ceiling_skipped.is_some() {
+            return None;
+        }
+        let me = ep.rank();
+        let (x_row, y_row) = plan.row_bytes();
+        let out: Vec<usize> = rows[me].iter().map(|&n| n * x_row).collect();
+        let back: Vec<usize> = rows.iter().map(|r| r[me] * y_row).collect();
+        let built = Ceiling::new(ep, &out).and_then(|d| Ok((d, Ceiling::new(ep, &back)?)));
+        match built {
+            Ok(c) => Some(c),
+            Err(e) => {
+                self.ceiling_skipped = Some(skip_reason(&e));
+                self.skip("ceiling", skip_reason(&e));
+                None
+            }
+        }
+    }
+}
+
+/// A baseline path's check of one rank's last outputs (`check::verify_alltoall`, ...).
+type BaselineCheck = fn(
+    &EpConfig,
+    &Placement,
+    &[RankData],
+    usize,
+    &BaselineOutputs,
+    &dyn Fn(&[u8]) -> Vec<u8>,
+) -> Result<(), String>;
+
+/// Why a baseline does not run, as the bench prints it: an unavailable backend's reason alone.
+fn skip_reason(e: &EpError) -> String {
+    match e {
+        EpError::BackendUnavailable { reason, .. } => reason.clone(),
+        other => other.to_string(),
+    }
 }
 
 /// One rank's whole benchmark; rank 0 returns the report. `shared`: every T's inputs and oracle
@@ -185,6 +311,7 @@ fn rank_main(
 ) -> Result<Option<Report>, String> {
     let (rank, world) = (group.rank(), plan.shape.world);
     let mut ep = Dispatcher::new(group, plan.config.clone()).map_err(flag_error)?;
+    let mut base = RankBaselines::new(&mut ep, plan.baselines);
     let progress = (rank == 0).then(|| {
         let per_t = (plan.warmup + plan.iters) as u64;
         let bar = ProgressBar::new(per_t * plan.tokens.len() as u64);
@@ -203,7 +330,7 @@ fn rank_main(
             p.set_message(format!("T={t}"));
         }
         let drawn;
-        let TokensWork { work, expected } = match shared {
+        let tw = match shared {
             Some(all) => &all[i],
             None => {
                 let work =
@@ -212,19 +339,62 @@ fn rank_main(
                 &drawn
             }
         };
-        let run = rank_iterations(&mut ep, &work.ranks[rank], plan, progress.as_ref())
-            .map_err(|e| format!("T={t}: {e}"))?;
+        let (work, expected) = (&tw.work, &tw.expected);
+        let rows = tw.rows_matrix(plan);
+        let mut ceilings = base.ceilings(&mut ep, plan, &rows);
+        let ag_shape = match (&mut base.nccl, plan.baselines.allgather) {
+            (Some(nb), true) => match nb.allgather_shape(&mut ep, work.ranks[rank].num_tokens) {
+                Ok(shape) => Some(shape),
+                Err(e) => {
+                    base.skip("allgather", format!("T={t}: {e}"));
+                    None
+                }
+            },
+            _ => None,
+        };
+        let run = rank_iterations(
+            &mut ep,
+            &work.ranks[rank],
+            plan,
+            base.nccl.as_mut(),
+            ag_shape,
+            ceilings.as_mut(),
+            progress.as_ref(),
+        )
+        .map_err(|e| format!("T={t}: {e}"))?;
+        if let Some((d, c)) = ceilings {
+            d.close(&mut ep).map_err(|e| format!("T={t}: {e}"))?;
+            c.close(&mut ep).map_err(|e| format!("T={t}: {e}"))?;
+        }
         let mut last = run.last;
         if args.inject_mismatch && rank + 1 == world {
             if let Some(byte) = last.combine.x.host_bytes_mut().first_mut() {
                 *byte ^= 1;
             }
         }
-        let mismatch = check::verify_rank(expected, rank, &last).err();
+        let to_combine_dtype = |x: &[u8]| payload_in_combine_dtype(x, plan);
+        let verify = |f: BaselineCheck, out: &Option<BaselineOutputs>| {
+            out.as_ref().and_then(|o| {
+                f(
+                    &plan.config,
+                    &plan.placement,
+                    &work.ranks,
+                    rank,
+                    o,
+                    &to_combine_dtype,
+                )
+                .err()
+            })
+        };
         let mine = RankSummary {
-            dispatch_us: run.dispatch_us,
-            combine_us: run.combine_us,
-            mismatch,
+            ours: run.ours,
+            cached_us: run.cached_us,
+            nccl: run.nccl,
+            allgather: run.allgather,
+            ceiling: run.ceiling,
+            mismatch: check::verify_rank(expected, rank, &last).err(),
+            nccl_mismatch: verify(check::verify_alltoall, &run.last_nccl),
+            allgather_mismatch: verify(check::verify_allgather, &run.last_allgather),
         };
         let all = ep
             .all_gather_host(serde_json::to_vec(&mine).expect("a summary serializes"))
@@ -234,7 +404,7 @@ fn rank_main(
                 .iter()
                 .map(|b| serde_json::from_slice(b).expect("every rank runs this binary"))
                 .collect();
-            results.push(tokens_result(plan, t, work.remote_rows, &all));
+            results.push(tokens_result(plan, t, work, &rows, &all));
         }
     }
     if let Some(p) = progress {
@@ -242,36 +412,162 @@ fn rank_main(
     }
     Ok((rank == 0).then(|| Report {
         config: plan.report_config(),
+        baselines: BaselinesReport {
+            requested: [
+                (plan.baselines.nccl, "nccl"),
+                (plan.baselines.allgather, "allgather"),
+                (plan.baselines.ceiling, "ceiling"),
+            ]
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, name)| name.to_string())
+            .collect(),
+            nccl_version: base.nccl.as_ref().map(|b| b.nccl_version().to_string()),
+            skipped: base.skipped.clone(),
+        },
         results,
     }))
 }
 
-/// One T's row of the report from every rank's summary: per iteration the slowest rank (the
-/// collective ends when it does), then the median over iterations.
-fn tokens_result(plan: &Plan, t: usize, remote_rows: usize, all: &[RankSummary]) -> TokensResult {
-    let slowest = |pick: fn(&RankSummary) -> &Vec<f64>| -> Vec<f64> {
-        (0..plan.iters)
-            .map(|i| all.iter().map(|r| pick(r)[i]).fold(0.0, f64::max))
-            .collect()
+/// One T's figures from every rank's summary: per iteration the slowest rank (the collective
+/// ends when it does), then the median over iterations.
+fn tokens_result(
+    plan: &Plan,
+    t: usize,
+    work: &workload::Workload,
+    rows: &[Vec<usize>],
+    all: &[RankSummary],
+) -> TokensResult {
+    let slowest = |pick: &dyn Fn(&RankSummary) -> Option<&Vec<f64>>| -> Option<Stats> {
+        let lists: Vec<&Vec<f64>> = all.iter().map(pick).collect::<Option<_>>()?;
+        Some(Stats::from_samples(
+            (0..plan.iters)
+                .map(|i| lists.iter().map(|l| l[i]).fold(0.0, f64::max))
+                .collect(),
+        ))
     };
-    let dispatch = Stats::from_samples(slowest(|r| &r.dispatch_us));
-    let combine = Stats::from_samples(slowest(|r| &r.combine_us));
-    let rows = remote_rows as f64 / plan.shape.world as f64;
-    let x_row = (plan.shape.hidden * plan.shape.dtype.size()) as f64;
-    let scale_row = (plan.shape.scale_columns * 4) as f64;
-    let y_row = (plan.shape.hidden * plan.config.combine_dtype().size()) as f64;
-    let dispatch_bytes = rows * (x_row + scale_row);
-    let combine_bytes = rows * y_row;
+    let world = plan.shape.world;
+    let per_rank = |n: usize| n as f64 / world as f64;
+    let remote_rows: usize = (0..world)
+        .map(|s| {
+            (0..world)
+                .filter(|&d| d != s)
+                .map(|d| rows[s][d])
+                .sum::<usize>()
+        })
+        .sum();
+    debug_assert_eq!(remote_rows, work.remote_rows);
+    let received_rows: usize = rows.iter().flatten().sum();
+    let (x_row, y_row) = plan.row_bytes();
+    let (remote, received) = (per_rank(remote_rows), per_rank(received_rows));
+    let (dispatch_bytes, combine_bytes) = (remote * x_row as f64, remote * y_row as f64);
+    let (dispatch_logical, combine_logical) = (received * x_row as f64, received * y_row as f64);
+    let e2e_bytes = dispatch_bytes + combine_bytes;
+    let e2e_logical = dispatch_logical + combine_logical;
+    let ours = |pick: fn(&RankSummary) -> &Vec<f64>| {
+        slowest(&|r| Some(pick(r))).expect("every rank times its own calls")
+    };
+    let dispatch = ours(|r| &r.ours.dispatch_us);
+    let cached = ours(|r| &r.cached_us);
+    let combine = ours(|r| &r.ours.combine_us);
+    let end_to_end = ours(|r| &r.ours.end_to_end_us);
+
+    // What the baselines really send to other GPUs, per rank on average (the JSON's wire_*).
+    let (k, h) = (plan.shape.topk, plan.shape.hidden);
+    let remote_slots: usize = work
+        .ranks
+        .iter()
+        .enumerate()
+        .map(|(s, r)| {
+            let (_, counts) = reference::alltoall_send_order(&r.topk_idx, k, &plan.placement);
+            counts
+                .iter()
+                .enumerate()
+                .filter(|&(d, _)| d != s)
+                .map(|(_, n)| n)
+                .sum::<usize>()
+        })
+        .sum();
+    let x_only = h * plan.shape.dtype.size();
+    let tokens: usize = work.ranks.iter().map(|r| r.num_tokens).sum();
+    let gather_rows = per_rank(tokens) * (world - 1) as f64;
+    let baseline = |name: &str,
+                    pick: fn(&RankSummary) -> Option<&PathSamples>,
+                    mismatch: fn(&RankSummary) -> Option<&String>,
+                    wire: (f64, f64)| {
+        let d = slowest(&|r| pick(r).map(|p| &p.dispatch_us))?;
+        let c = slowest(&|r| pick(r).map(|p| &p.combine_us))?;
+        let e = slowest(&|r| pick(r).map(|p| &p.end_to_end_us))?;
+        let failed = all.iter().find_map(|r| mismatch(r).cloned());
+        Some(BaselineResult {
+            name: name.into(),
+            dispatch_ratio: report::ratio(d.median_us, dispatch.median_us),
+            combine_ratio: report::ratio(c.median_us, combine.median_us),
+            end_to_end_ratio: report::ratio(e.median_us, end_to_end.median_us),
+            dispatch: OpResult::new(d, dispatch_bytes, dispatch_logical),
+            combine: OpResult::new(c, combine_bytes, combine_logical),
+            end_to_end: OpResult::new(e, e2e_bytes, e2e_logical),
+            wire_dispatch_bytes_per_rank: wire.0,
+            wire_combine_bytes_per_rank: wire.1,
+            check_ok: failed.is_none(),
+            check: failed.unwrap_or_else(|| "ok".into()),
+        })
+    };
+    let slots = per_rank(remote_slots);
+    let baselines = [
+        baseline(
+            "nccl",
+            |r| r.nccl.as_ref(),
+            |r| r.nccl_mismatch.as_ref(),
+            (slots * x_only as f64, slots * y_row as f64),
+        ),
+        baseline(
+            "allgather",
+            |r| r.allgather.as_ref(),
+            |r| r.allgather_mismatch.as_ref(),
+            (
+                gather_rows * (x_only + 8 * k) as f64,
+                gather_rows * y_row as f64,
+            ),
+        ),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let ceiling = slowest(&|r| r.ceiling.as_ref().map(|c| &c.0)).and_then(|cd| {
+        let cc = slowest(&|r| r.ceiling.as_ref().map(|c| &c.1))?;
+        let pct = |ceil: f64, ours: f64| 100.0 * report::ratio(ceil, ours);
+        Some(CeilingResult {
+            dispatch_percent: pct(cd.median_us, dispatch.median_us),
+            cached_dispatch_percent: pct(cd.median_us, cached.median_us),
+            combine_percent: pct(cc.median_us, combine.median_us),
+            dispatch: OpResult::new(cd, dispatch_bytes, dispatch_logical),
+            combine: OpResult::new(cc, combine_bytes, combine_logical),
+        })
+    });
     let mismatch = all.iter().find_map(|r| r.mismatch.clone());
     TokensResult {
         tokens: t,
         dispatch_gb_per_s: report::gb_per_s(dispatch_bytes, dispatch.median_us),
+        cached_dispatch_gb_per_s: report::gb_per_s(dispatch_bytes, cached.median_us),
         combine_gb_per_s: report::gb_per_s(combine_bytes, combine.median_us),
+        end_to_end_gb_per_s: report::gb_per_s(e2e_bytes, end_to_end.median_us),
+        dispatch_logical_gb_per_s: report::gb_per_s(dispatch_logical, dispatch.median_us),
+        cached_dispatch_logical_gb_per_s: report::gb_per_s(dispatch_logical, cached.median_us),
+        combine_logical_gb_per_s: report::gb_per_s(combine_logical, combine.median_us),
+        end_to_end_logical_gb_per_s: report::gb_per_s(e2e_logical, end_to_end.median_us),
         dispatch,
+        cached_dispatch: cached,
         combine,
-        remote_rows_per_rank: rows,
+        end_to_end,
+        remote_rows_per_rank: remote,
+        received_rows_per_rank: received,
         dispatch_bytes_per_rank: dispatch_bytes,
         combine_bytes_per_rank: combine_bytes,
+        dispatch_logical_bytes_per_rank: dispatch_logical,
+        combine_logical_bytes_per_rank: combine_logical,
+        baselines,
+        ceiling,
         check_ok: mismatch.is_none(),
         check: mismatch.unwrap_or_else(|| "ok".into()),
     }
@@ -289,6 +585,8 @@ struct Plan {
     warmup: usize,
     iters: usize,
     seed: u64,
+    baselines: BaselineSet,
+    num_sms: Option<u32>,
 }
 
 impl Plan {
@@ -354,16 +652,18 @@ impl Plan {
             DType::Fp8E4M3 => hidden.div_ceil(128),
             _ => 0,
         };
-        let config = EpConfig::builder()
+        let mut builder = EpConfig::builder()
             .num_experts(num_experts)
             .topk(topk)
             .hidden(hidden)
             .max_tokens_per_rank(max_tokens)
             .dtype(args.dtype)
             .layout(layout)
-            .scale_columns(scale_columns)
-            .build()
-            .map_err(flag_error)?;
+            .scale_columns(scale_columns);
+        if let Some(n) = args.num_sms {
+            builder = builder.num_sms(n);
+        }
+        let config = builder.build().map_err(flag_error)?;
         let placement =
             Placement::new(&PlacementSpec::Contiguous, num_experts, world).map_err(flag_error)?;
         Ok(Plan {
@@ -384,7 +684,15 @@ impl Plan {
             warmup: args.warmup as usize,
             iters: args.iters as usize,
             seed: args.seed,
+            baselines: args.baselines,
+            num_sms: args.num_sms,
         })
+    }
+
+    /// Bytes of a row that dispatch moves (x, plus scales) and of one that combine moves.
+    fn row_bytes(&self) -> (usize, usize) {
+        let x = self.shape.hidden * self.shape.dtype.size() + self.shape.scale_columns * 4;
+        (x, self.shape.hidden * self.config.combine_dtype().size())
     }
 
     /// Every T's inputs, drawn in order from the seed (what each rank process draws for itself),
@@ -425,23 +733,58 @@ impl Plan {
             warmup: self.warmup,
             iters: self.iters,
             seed: self.seed,
+            num_sms: self.num_sms,
+            timing: match self.backend {
+                "cuda" => "CUDA events".into(),
+                _ => "the host clock".into(),
+            },
         }
     }
 }
 
 /// One rank's timings (timed iterations only) and its last outputs.
 struct RankRun {
-    dispatch_us: Vec<f64>,
-    combine_us: Vec<f64>,
+    ours: PathSamples,
+    cached_us: Vec<f64>,
+    nccl: Option<PathSamples>,
+    allgather: Option<PathSamples>,
+    ceiling: Option<(Vec<f64>, Vec<f64>)>,
     last: LastOutputs,
+    last_nccl: Option<BaselineOutputs>,
+    last_allgather: Option<BaselineOutputs>,
 }
 
-/// One rank's warmup and timed iterations for one T. The ranks start each timed call together
-/// (a host barrier), so no rank's time includes a peer's untimed work.
+/// Every rank at once: a host barrier before each timed call, so that no rank's time includes a
+/// peer's untimed work.
+fn barrier(ep: &mut Dispatcher) -> moe_ep::Result<()> {
+    ep.all_gather_host(Vec::new()).map(|_| ())
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// Appends the samples of one iteration when it is a timed one.
+fn record(samples: &mut PathSamples, timed: bool, times: [Duration; 3]) {
+    if timed {
+        samples.dispatch_us.push(micros(times[0]));
+        samples.combine_us.push(micros(times[1]));
+        samples.end_to_end_us.push(micros(times[2]));
+    }
+}
+
+/// One rank's warmup and timed iterations for one T: our dispatch, combine, cached dispatch and
+/// end-to-end, then each baseline's dispatch, combine and end-to-end, then the copy-engine
+/// ceilings. Every call is timed with a `moe_ep::Timer` on the stream it runs on (CUDA events, or
+/// the host clock on the CPU backend); the identity expert between dispatch and combine is untimed.
+#[allow(clippy::too_many_arguments)]
 fn rank_iterations(
     ep: &mut Dispatcher,
     input: &RankData,
     plan: &Plan,
+    mut nccl: Option<&mut NcclBaselines>,
+    ag_shape: Option<AllGatherShape>,
+    mut ceilings: Option<&mut (Ceiling, Ceiling)>,
     progress: Option<&ProgressBar>,
 ) -> moe_ep::Result<RankRun> {
     let (t, h, k) = (input.num_tokens, plan.shape.hidden, plan.shape.topk);
@@ -454,59 +797,190 @@ fn rank_iterations(
         None => None,
     };
     let scales = scales.as_ref().map(|s| s.view());
-    let mut dispatch_us = Vec::with_capacity(plan.iters);
-    let mut combine_us = Vec::with_capacity(plan.iters);
+    let run_nccl = plan.baselines.nccl && nccl.is_some();
+    let mut ours = PathSamples::default();
+    let mut cached_us = Vec::with_capacity(plan.iters);
+    let mut nccl_samples = run_nccl.then(PathSamples::default);
+    let mut ag_samples = ag_shape.map(|_| PathSamples::default());
+    let mut ceiling_samples = ceilings.as_ref().map(|_| (Vec::new(), Vec::new()));
+    let last_it = plan.warmup + plan.iters - 1;
     let mut last = None;
-    for it in 0..plan.warmup + plan.iters {
-        // Only the last iteration's outputs are kept: free the previous ones first.
-        drop(last.take());
-        // Each timed call ends when the rank's work is done (a no-op wait on the CPU backend).
-        ep.all_gather_host(Vec::new())?;
-        let start = Instant::now();
+    let (mut last_nccl, mut last_ag) = (None, None);
+    for it in 0..=last_it {
+        let timed = it >= plan.warmup;
+        // Each call runs with no other output of this dispatcher alive than the ones it needs
+        // (a token-major output may be the receive slot itself while another slot is free), and
+        // the last iteration's outputs are read to the host (untimed) before they are dropped.
+
+        barrier(ep)?;
+        let timer = ep.timer()?;
         let (out, handle) = ep.dispatch(x.view(), idx.view(), Some(weights.view()), scales)?;
+        let dispatch_time = timer.stop(&*ep)?;
+        // The timer waited for the work; this reports what the device found.
         ep.synchronize()?;
-        let dispatch_time = start.elapsed();
+        let out_host = (it == last_it).then(|| out.to_host()).transpose()?;
 
         // The identity expert: y = the received tokens, in the combine dtype (untimed).
-        let widened = match plan.shape.dtype == plan.config.combine_dtype() {
-            true => None,
-            false => {
-                let rows = out.valid_rows()?;
-                let host = out.x.to_host()?;
-                let bytes = payload_in_combine_dtype(&host.host_bytes()[..rows * h], plan);
-                Some(ep.to_device(TensorRef::from_bytes(
-                    &bytes,
-                    &[rows, h],
-                    plan.config.combine_dtype(),
-                )?)?)
-            }
+        let widened = match needs_widening(plan) {
+            false => None,
+            true => identity_y(ep, &out.x.to_host()?, out.valid_rows()?, plan)?,
         };
         let y = widened.as_ref().map_or_else(|| out.x.view(), |w| w.view());
-        ep.all_gather_host(Vec::new())?;
-        let start = Instant::now();
+        barrier(ep)?;
+        let timer = ep.timer()?;
         let combined = ep.combine(&handle, y, None)?;
+        let combine_time = timer.stop(&*ep)?;
         ep.synchronize()?;
-        let combine_time = start.elapsed();
+        let combined_host = (it == last_it).then(|| combined.to_host()).transpose()?;
+        drop((combined, out));
 
-        if it >= plan.warmup {
-            dispatch_us.push(dispatch_time.as_secs_f64() * 1e6);
-            combine_us.push(combine_time.as_secs_f64() * 1e6);
+        barrier(ep)?;
+        let timer = ep.timer()?;
+        let cached = ep.dispatch_cached(&handle, x.view(), scales)?;
+        let cached_time = timer.stop(&*ep)?;
+        ep.synchronize()?;
+        let cached_host = (it == last_it).then(|| cached.x.to_host()).transpose()?;
+        drop((cached, handle));
+
+        // End to end: dispatch, then combine of its rows (fp8: the widened rows of the same
+        // routing, made above), one timer around both.
+        barrier(ep)?;
+        let timer = ep.timer()?;
+        let (out2, handle2) = ep.dispatch(x.view(), idx.view(), Some(weights.view()), scales)?;
+        let y2 = widened.as_ref().map_or_else(|| out2.x.view(), |w| w.view());
+        let combined2 = ep.combine(&handle2, y2, None)?;
+        let e2e_time = timer.stop(&*ep)?;
+        ep.synchronize()?;
+        drop((combined2, out2, handle2, widened));
+        record(&mut ours, timed, [dispatch_time, combine_time, e2e_time]);
+        if timed {
+            cached_us.push(micros(cached_time));
         }
+        if let (Some(dispatch), Some(combine), Some(cached)) =
+            (out_host, combined_host, cached_host)
+        {
+            last = Some(LastOutputs {
+                dispatch,
+                combine,
+                cached,
+            });
+        }
+
+        if let (Some(nb), Some(samples)) = (nccl.as_deref_mut(), nccl_samples.as_mut()) {
+            barrier(ep)?;
+            let timer = nb.timer()?;
+            let d = nb.alltoall_dispatch(x.view(), idx.view())?;
+            let dispatch_time = timer.stop(&*nb)?;
+            let wy = match needs_widening(plan) {
+                false => None,
+                true => identity_y(ep, &d.x.to_host()?, d.x.dims()[0], plan)?,
+            };
+            let y = wy.as_ref().map_or_else(|| d.x.view(), |w| w.view());
+            barrier(ep)?;
+            let timer = nb.timer()?;
+            let c = nb.alltoall_combine(&d, y, weights.view())?;
+            let combine_time = timer.stop(&*nb)?;
+            if it == last_it {
+                last_nccl = Some(BaselineOutputs {
+                    dispatch: d.x.to_host()?,
+                    combine: c.to_host()?,
+                });
+            }
+            drop((c, d));
+            barrier(ep)?;
+            let timer = nb.timer()?;
+            let d2 = nb.alltoall_dispatch(x.view(), idx.view())?;
+            let y2 = wy.as_ref().map_or_else(|| d2.x.view(), |w| w.view());
+            let c2 = nb.alltoall_combine(&d2, y2, weights.view())?;
+            let e2e_time = timer.stop(&*nb)?;
+            drop((c2, d2, wy));
+            record(samples, timed, [dispatch_time, combine_time, e2e_time]);
+        }
+
+        if let (Some(nb), Some(shape), Some(samples)) =
+            (nccl.as_deref_mut(), ag_shape.as_ref(), ag_samples.as_mut())
+        {
+            barrier(ep)?;
+            let timer = nb.timer()?;
+            let d = nb.allgather_dispatch(shape, x.view(), idx.view(), weights.view())?;
+            let dispatch_time = timer.stop(&*nb)?;
+            let wy = match needs_widening(plan) {
+                false => None,
+                true => identity_y(ep, &d.x.to_host()?, d.x.dims()[0], plan)?,
+            };
+            let y = wy.as_ref().map_or_else(|| d.x.view(), |w| w.view());
+            barrier(ep)?;
+            let timer = nb.timer()?;
+            let c = nb.allgather_combine(&d, y)?;
+            let combine_time = timer.stop(&*nb)?;
+            if it == last_it {
+                last_ag = Some(BaselineOutputs {
+                    dispatch: d.x.to_host()?,
+                    combine: c.to_host()?,
+                });
+            }
+            drop((c, d));
+            barrier(ep)?;
+            let timer = nb.timer()?;
+            let d2 = nb.allgather_dispatch(shape, x.view(), idx.view(), weights.view())?;
+            let y2 = wy.as_ref().map_or_else(|| d2.x.view(), |w| w.view());
+            let c2 = nb.allgather_combine(&d2, y2)?;
+            let e2e_time = timer.stop(&*nb)?;
+            drop((c2, d2, wy));
+            record(samples, timed, [dispatch_time, combine_time, e2e_time]);
+        }
+
+        if let (Some(pair), Some(samples)) = (ceilings.as_deref_mut(), ceiling_samples.as_mut()) {
+            let round = |ep: &mut Dispatcher, c: &mut Ceiling| -> moe_ep::Result<Duration> {
+                barrier(ep)?;
+                let timer = c.timer()?;
+                c.run()?;
+                timer.stop(&*c)
+            };
+            let out_time = round(ep, &mut pair.0)?;
+            let back_time = round(ep, &mut pair.1)?;
+            if timed {
+                samples.0.push(micros(out_time));
+                samples.1.push(micros(back_time));
+            }
+        }
+
         if let Some(p) = progress {
             p.inc(1);
         }
-        last = Some((out, combined));
     }
-    // Read back to the host once, after the timed iterations.
-    let (out, combined) = last.expect("at least one iteration");
     Ok(RankRun {
-        dispatch_us,
-        combine_us,
-        last: LastOutputs {
-            dispatch: out.to_host()?,
-            combine: combined.to_host()?,
-        },
+        ours,
+        cached_us,
+        nccl: nccl_samples,
+        allgather: ag_samples,
+        ceiling: ceiling_samples,
+        last: last.expect("the last iteration keeps its outputs"),
+        last_nccl,
+        last_allgather: last_ag,
     })
+}
+
+/// Whether the identity expert must widen the received rows (fp8 payloads combine in bf16).
+fn needs_widening(plan: &Plan) -> bool {
+    plan.shape.dtype != plan.config.combine_dtype()
+}
+
+/// The identity expert's output for the first `rows` rows of `received` (a host copy): the rows
+/// widened exactly to the combine dtype, on the dispatcher's device.
+fn identity_y(
+    ep: &Dispatcher,
+    received: &Tensor,
+    rows: usize,
+    plan: &Plan,
+) -> moe_ep::Result<Option<Tensor>> {
+    let h = plan.shape.hidden;
+    let bytes = payload_in_combine_dtype(
+        &received.host_bytes()[..rows * h * plan.shape.dtype.size()],
+        plan,
+    );
+    let y = TensorRef::from_bytes(&bytes, &[rows, h], plan.config.combine_dtype())?;
+    Ok(Some(ep.to_device(y)?))
 }
 
 /// Payload rows turned into the combine dtype: as they are, or fp8 widened exactly to bf16.
@@ -564,6 +1038,7 @@ pub fn flag_error(e: EpError) -> String {
             "max_tokens_per_rank" => Some("--tokens"),
             "dtype" | "combine_dtype" => Some("--dtype"),
             "layout.align" => Some("--align"),
+            "num_sms" => Some("--num-sms"),
             _ => None,
         },
         EpError::Group { arg: "world", .. } => Some("--world"),
@@ -583,5 +1058,14 @@ fn share_gpus_safely(ranks_per_gpu: usize) {
             "CUDA_DEVICE_MAX_CONNECTIONS",
             (4 * ranks_per_gpu).max(8).to_string(),
         );
+    }
+}
+
+/// NCCL's NVLink multicast (NVLS) stays off, as on the machines this runs on (see shared/GPU.md):
+/// set NCCL_NVLS_ENABLE=0 unless the user chose. Runs on the main thread before any rank starts
+/// (rank processes inherit it).
+fn keep_nvlink_multicast_off() {
+    if std::env::var_os("NCCL_NVLS_ENABLE").is_none() {
+        std::env::set_var("NCCL_NVLS_ENABLE", "0");
     }
 }

@@ -115,16 +115,70 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
 
-    /// Testing aid: flips one bit of the last rank's last combine output before the check, to
-    /// exercise the failure path.
     /// How ranks run: `processes`, one per GPU, started by this command (or joining a
     /// torchrun-style launch when RANK is set); `threads`, in this process. Default: processes
     /// for the cuda backend, threads for the cpu backend (which has only threads).
     #[arg(long, value_enum)]
     pub launch: Option<LaunchChoice>,
 
+    /// What to measure next to the dispatcher, in the same run on the same inputs: a
+    /// comma-separated list of `nccl` (Megatron's NCCL all-to-all path: permute, count exchange,
+    /// all_to_all_single with host-side splits, weighted un-permute), `allgather` (all-gather every
+    /// rank's tokens, select locally; combine by reduce-scatter), `ceiling` (the copy engines moving
+    /// the same remote bytes, all ranks to all peers at once), or `all`, or `none`. They need the
+    /// cuda backend: elsewhere the bench says why they are skipped and shows `-`. Every NCCL path's
+    /// last output is checked like the dispatcher's.
+    #[arg(long, default_value = "all", value_parser = parse_baselines)]
+    pub baselines: BaselineSet,
+
+    /// SMs (thread blocks) the dispatcher's kernels may use (EpConfig::num_sms) [default: every
+    /// SM of the GPU].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub num_sms: Option<u32>,
+
+    /// Testing aid: flips one bit of the last rank's last combine output before the check, to
+    /// exercise the failure path.
     #[arg(long, hide = true)]
     pub inject_mismatch: bool,
+}
+
+/// The `--baselines` choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BaselineSet {
+    pub nccl: bool,
+    pub allgather: bool,
+    pub ceiling: bool,
+}
+
+impl BaselineSet {
+    pub fn any(self) -> bool {
+        self.nccl || self.allgather || self.ceiling
+    }
+}
+
+fn parse_baselines(s: &str) -> Result<BaselineSet, String> {
+    let mut set = BaselineSet::default();
+    for part in s.split(',').map(str::trim) {
+        match part {
+            "all" => {
+                set = BaselineSet {
+                    nccl: true,
+                    allgather: true,
+                    ceiling: true,
+                }
+            }
+            "none" => {}
+            "nccl" => set.nccl = true,
+            "allgather" => set.allgather = true,
+            "ceiling" => set.ceiling = true,
+            other => {
+                return Err(format!(
+                    "expected a comma-separated list of nccl, allgather, ceiling, or all, or none; got `{other}`"
+                ))
+            }
+        }
+    }
+    Ok(set)
 }
 
 /// The `--routing` choice.
@@ -215,6 +269,21 @@ mod tests {
         assert_eq!(parse_dtype("fp8").unwrap(), DType::Fp8E4M3);
         assert!(parse_dtype("i32").is_err());
         assert!(parse_dtype("f64").is_err());
+    }
+
+    #[test]
+    fn baseline_lists() {
+        let all = BaselineSet {
+            nccl: true,
+            allgather: true,
+            ceiling: true,
+        };
+        assert_eq!(parse_baselines("all").unwrap(), all);
+        assert_eq!(parse_baselines("none").unwrap(), BaselineSet::default());
+        let some = parse_baselines("nccl, ceiling").unwrap();
+        assert!(some.nccl && some.ceiling && !some.allgather);
+        assert!(parse_baselines("deepep").unwrap_err().contains("`deepep`"));
+        assert!(parse_baselines("").is_err());
     }
 
     #[test]

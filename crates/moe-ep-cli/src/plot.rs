@@ -1,6 +1,6 @@
-//! `--plot FILE.svg`: median latency against T for each collective, log scales.
+//! `--plot FILE.svg`: median latency against T for each collective and baseline, log scales.
 
-use crate::report::Report;
+use crate::report::{Report, TokensResult};
 use plotters::prelude::*;
 use std::path::Path;
 
@@ -11,22 +11,61 @@ struct Series {
     points: Vec<(f64, f64)>,
 }
 
-/// Draws the report's medians against T. Points at T = 0 are left out (log scale).
+/// Draws the report's medians against T: our dispatch and combine, each baseline's, and the
+/// copy-engine ceiling, where they ran. Points at T = 0 are left out (log scale).
 pub fn latency_svg(path: &Path, report: &Report) -> Result<(), String> {
-    let series_of = |name, color, pick: fn(&crate::report::TokensResult) -> f64| Series {
+    let series_of = |name, color, pick: &dyn Fn(&TokensResult) -> Option<f64>| Series {
         name,
         color,
         points: report
             .results
             .iter()
             .filter(|r| r.tokens > 0)
-            .map(|r| (r.tokens as f64, pick(r).max(1e-3)))
+            .filter_map(|r| {
+                pick(r)
+                    .filter(|v| v.is_finite())
+                    .map(|v| (r.tokens as f64, v.max(1e-3)))
+            })
             .collect(),
     };
-    let series = [
-        series_of("dispatch", BLUE, |r| r.dispatch.median_us),
-        series_of("combine", RED, |r| r.combine.median_us),
-    ];
+    let baseline = |name: &'static str, combine: bool| {
+        move |r: &TokensResult| {
+            r.baseline(name).map(|b| match combine {
+                true => b.combine.median_us(),
+                false => b.dispatch.median_us(),
+            })
+        }
+    };
+    let series: Vec<Series> = [
+        series_of("dispatch", BLUE, &|r| Some(r.dispatch.median_us)),
+        series_of("combine", RED, &|r| Some(r.combine.median_us)),
+        series_of(
+            "nccl dispatch",
+            RGBColor(0, 150, 150),
+            &baseline("nccl", false),
+        ),
+        series_of(
+            "nccl combine",
+            RGBColor(200, 120, 0),
+            &baseline("nccl", true),
+        ),
+        series_of(
+            "allgather dispatch",
+            RGBColor(120, 60, 180),
+            &baseline("allgather", false),
+        ),
+        series_of(
+            "allgather combine",
+            RGBColor(150, 100, 60),
+            &baseline("allgather", true),
+        ),
+        series_of("copy-engine ceiling", RGBColor(90, 90, 90), &|r| {
+            r.ceiling.as_ref().map(|c| c.dispatch.median_us())
+        }),
+    ]
+    .into_iter()
+    .filter(|s| !s.points.is_empty())
+    .collect();
     let all = series.iter().flat_map(|s| s.points.iter());
     let (mut x_lo, mut x_hi, mut y_lo, mut y_hi) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, y) in all {

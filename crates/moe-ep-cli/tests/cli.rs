@@ -34,15 +34,28 @@ const TINY: &[&str] = &[
     "1",
 ];
 
-/// The table's data rows as (T, check) pairs.
-fn table_rows(stdout: &str) -> Vec<(String, String)> {
+/// The first table printed (latency), as rows of cells, header included.
+fn first_table(stdout: &str) -> Vec<Vec<String>> {
     stdout
         .lines()
-        .filter(|l| l.starts_with('|') && !l.starts_with("|-") && !l.contains("dispatch us"))
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .filter(|l| !l.starts_with("|-"))
         .map(|l| {
-            let cells: Vec<&str> = l.trim_matches('|').split('|').map(str::trim).collect();
-            (cells[0].to_string(), cells[cells.len() - 1].to_string())
+            l.trim_matches('|')
+                .split('|')
+                .map(|c| c.trim().to_string())
+                .collect()
         })
+        .collect()
+}
+
+/// The latency table's data rows as (T, check) pairs.
+fn table_rows(stdout: &str) -> Vec<(String, String)> {
+    first_table(stdout)
+        .into_iter()
+        .skip(1)
+        .map(|cells| (cells[0].clone(), cells[cells.len() - 1].clone()))
         .collect()
 }
 
@@ -141,6 +154,119 @@ fn bench_writes_json() {
 }
 
 #[test]
+fn bench_json_keeps_every_new_figure() {
+    let dir = std::env::temp_dir().join(format!("moe-ep-cli-json-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bench.json");
+    tiny_bench_passes(&["--backend", "cpu", "--json", path.to_str().unwrap()]);
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(v["config"]["timing"], "the host clock");
+    assert_eq!(
+        v["baselines"]["requested"],
+        serde_json::json!(["nccl", "allgather", "ceiling"])
+    );
+    let skipped = v["baselines"]["skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 3, "{skipped:?}");
+    for s in skipped {
+        assert!(s[1].as_str().unwrap().contains("cpu backend"), "{s}");
+    }
+    for r in v["results"].as_array().unwrap() {
+        for op in ["dispatch", "cached_dispatch", "combine", "end_to_end"] {
+            assert_eq!(r[op]["samples_us"].as_array().unwrap().len(), 2, "{op}");
+        }
+        for figure in [
+            "remote_rows_per_rank",
+            "received_rows_per_rank",
+            "dispatch_logical_bytes_per_rank",
+            "combine_logical_bytes_per_rank",
+            "dispatch_gb_per_s",
+            "cached_dispatch_gb_per_s",
+            "end_to_end_gb_per_s",
+            "dispatch_logical_gb_per_s",
+            "combine_logical_gb_per_s",
+            "end_to_end_logical_gb_per_s",
+        ] {
+            assert!(r[figure].as_f64().unwrap() >= 0.0, "{figure}");
+        }
+        // Own tokens count as received: at least as many rows as the remote ones.
+        assert!(
+            r["received_rows_per_rank"].as_f64().unwrap()
+                >= r["remote_rows_per_rank"].as_f64().unwrap()
+        );
+        assert_eq!(r["baselines"], serde_json::json!([]));
+        assert!(r["ceiling"].is_null());
+    }
+}
+
+#[test]
+fn cpu_bench_has_every_column_and_says_why_baselines_skip() {
+    let out = tiny_bench_passes(&["--backend", "cpu"]);
+    let header = &first_table(&out)[0];
+    for column in [
+        "dispatch",
+        "cached",
+        "combine",
+        "end-to-end",
+        "nccl dispatch",
+        "nccl combine",
+        "nccl e2e",
+        "allgather dispatch",
+        "allgather combine",
+        "allgather e2e",
+        "ceiling",
+        "check",
+    ] {
+        assert!(
+            header.iter().any(|c| c == column),
+            "no `{column}` in {header:?}"
+        );
+    }
+    for title in [
+        "dispatch remote",
+        "dispatch logical",
+        "combine logical",
+        "ceiling remote",
+        "dispatch % ceil",
+        "vs nccl e2e",
+        "vs allgather dispatch",
+        "x nccl e2e",
+    ] {
+        assert!(out.contains(title), "no `{title}` column:\n{out}");
+    }
+    let skip = out
+        .lines()
+        .find(|l| l.starts_with("baselines nccl, allgather, ceiling skipped: "))
+        .unwrap_or_else(|| panic!("no skip line:\n{out}"));
+    assert!(skip.contains("cpu backend"), "{skip}");
+    // The baselines' cells say they did not run.
+    for row in first_table(&out).iter().skip(1) {
+        assert_eq!(row[5..12], ["-"; 7], "{row:?}");
+    }
+    assert!(out.lines().any(|l| l == "Summary"), "{out}");
+
+    let none = tiny_bench_passes(&["--baselines", "none"]);
+    assert!(
+        none.contains("baselines: none (--baselines none)"),
+        "{none}"
+    );
+    assert!(!none.contains("skipped"), "{none}");
+    let some = tiny_bench_passes(&["--baselines", "ceiling"]);
+    assert!(
+        some.lines()
+            .any(|l| l.starts_with("baseline ceiling skipped: ")),
+        "{some}"
+    );
+}
+
+#[test]
+fn num_sms_reaches_the_config() {
+    let out = tiny_bench_passes(&["--num-sms", "8"]);
+    assert!(out.lines().next().unwrap().contains(", 8 SMs;"), "{out}");
+}
+
+#[test]
 fn failed_check_prints_the_table_and_exits_1() {
     let args = tiny_with(&["--inject-mismatch"]);
     let o = moe_ep(&args.iter().map(String::as_str).collect::<Vec<_>>());
@@ -196,6 +322,8 @@ fn bad_flags_are_named() {
     bad(&["--topk", "0"], "--topk", 2);
     bad(&["--layout", "diagonal"], "--layout", 2);
     bad(&["--backend", "tpu"], "--backend", 2);
+    bad(&["--baselines", "deepep"], "--baselines", 2);
+    bad(&["--num-sms", "0"], "--num-sms", 2);
     bad(&["--frobnicate"], "--frobnicate", 2);
     // Checks across flags and library errors: `error: ...`, exit 1.
     bad(&["--world", "3"], "--num-experts", 1);
