@@ -3,6 +3,7 @@
 #
 #   scripts/gpu-suite.sh build   # here (no GPU needed): kernels + release test binaries into .bin/
 #   scripts/gpu-suite.sh run     # on the GPU machine, from the repo root; prints a table last
+#   scripts/gpu-suite.sh sweep   # on the GPU machine: the speed sweeps (issue 4), summaries, table
 #
 # Device call: run(command="bash scripts/gpu-suite.sh run", carry=[".bin"]).
 # `run` uses every GPU it finds: the conformance suite with 4 ranks on GPU 0, and with ranks on
@@ -80,6 +81,37 @@ run() {
         .bin/conformance_cuda --exact world_1
     step "bench world $n" .bin/moe-ep bench --backend cuda --world "$n" --tokens 1,128,4096 --iters 10 --warmup 3
     [ -f "$LOGS/bench_world_$n.log" ] && tail -n 12 "$LOGS/bench_world_$n.log"
+    table
+}
+
+# The speed sweeps of issue 4: every bench prints its tables into its log (and JSON, SVG into $LOGS).
+sweep() {
+    LOGS="${OUT:-.bin/logs}"
+    mkdir -p "$LOGS"
+    export PATH="/usr/local/cuda/bin:$PATH" CUDA_DEVICE_MAX_CONNECTIONS=32
+    nvidia-smi -L
+    local n
+    n="$(nvidia-smi -L | wc -l)"
+    local b=(timeout 300 .bin/moe-ep bench --backend cuda --iters 10 --warmup 3)
+    local all_t=1,16,128,512,1024,4096,8192
+    for w in 4 2; do
+        [ "$n" -ge "$w" ] || continue
+        step "bench w$w token-major" "${b[@]}" --world $w --tokens $all_t --json "$LOGS/w$w.json" --plot "$LOGS/w$w.svg"
+        [ $w = 4 ] && step "bench w$w expert-major" "${b[@]}" --world $w --tokens 1,128,4096 --layout expert-major --json "$LOGS/w${w}_em.json"
+        step "bench w$w iris" "${b[@]}" --world $w --tokens 128,4096 --hidden 4096 --topk 2 --num-experts $((8 * w)) --json "$LOGS/w${w}_iris.json"
+        step "bench w$w small" "${b[@]}" --world $w --tokens 128,4096 --hidden 2048 --topk 6 --num-experts 64 --json "$LOGS/w${w}_small.json"
+    done
+    if [ "$n" -ge 4 ]; then
+        for sms in 48 132; do
+            step "bench w4 num-sms $sms" "${b[@]}" --world 4 --tokens 128,4096 --baselines ceiling --num-sms $sms
+        done
+        step "bench w4 zipf" "${b[@]}" --world 4 --tokens 4096 --routing zipf --baselines ceiling
+    fi
+    for f in "$LOGS"/bench_w*.log; do echo "== $f"; grep -A 12 '^Summary' "$f"; done
+    table
+}
+
+table() {
     echo
     printf '| %-34s | %-8s | %5s | %s\n' step result time summary
     printf '|%s|\n' "------------------------------------|----------|-------|------------------------------"
@@ -89,5 +121,6 @@ run() {
 case "${1:-}" in
     build) build ;;
     run) run ;;
-    *) echo "usage: $0 build|run" >&2; exit 2 ;;
+    sweep) sweep ;;
+    *) echo "usage: $0 build|run|sweep" >&2; exit 2 ;;
 esac

@@ -585,6 +585,22 @@ __device__ bool rows_cover(const EpDims& dm, const int* recv_base, const int* of
     return true;
 }
 
+// Staged rows are grouped by source; sending them back in that order would load one link at a
+// time. Work items interleave the sources instead (item i: source (i + rank) mod world, its
+// (i / world)-th row), so every link is busy at once. Items per call: world * the largest
+// source's row count; staged_row() is -1 for items past a source's rows.
+__device__ __forceinline__ int interleaved_items(const EpDims& dm, const int* recv_base) {
+    int most = 0;
+    for (int s = 0; s < dm.world; ++s) most = max(most, recv_base[s + 1] - recv_base[s]);
+    return most * dm.world;  // at most world * max_tokens
+}
+
+__device__ __forceinline__ int staged_row(const EpDims& dm, const int* recv_base, int item) {
+    const int s = (item + dm.rank) % dm.world;
+    const int k = item / dm.world;
+    return recv_base[s] + k < recv_base[s + 1] ? recv_base[s] + k : -1;
+}
+
 // What travels back beside each row, [K] f32 per (token, destination).
 enum SideMode {
     SIDE_NONE = 0,
@@ -647,21 +663,25 @@ __device__ __forceinline__ void accumulate_sources(float (&acc)[Vec16<T>::kLen],
 // w(row) * y[row] (fmaf from +0.0), rounded once. `weights`: per-row weights overriding the
 // recorded `row_weights` (expert-major), or null; `unit_weights` makes every weight 1 (plain adds).
 // Begins its call: waits until every rank entered, so no source still reads the rows this
-// overwrites. One warp per staged row, 16 bytes a lane; the last block raises the data flag.
+// overwrites. One warp per staged row (sources interleaved), 16 bytes a lane; the last block
+// raises the data flag.
 template <typename T>
 __device__ void combine_send(const EpPeers& peers, const EpDims& dm, const T* y, const float* weights,
                              const float* row_weights, int unit_weights, const int* recv_base, const int* row_src,
                              const int* row_slots, const int* exp_rows, const float* side, int side_mode,
                              const int* offsets, int rows_given, unsigned* done, int* err) {
     using V = Vec16<T>;
-    const int K = dm.topk, H = dm.hidden, rows = recv_base[dm.world], lane = threadIdx.x & 31;
+    const int K = dm.topk, H = dm.hidden, lane = threadIdx.x & 31;
     const bool expert_major = offsets != nullptr;
     // Too few rows handed back: send nothing and raise no flag, so the sources time out naming
     // this rank rather than reduce rows it never sent.
     const bool covered = rows_cover(dm, recv_base, offsets, rows_given, err);
     const bool go = enter_call(peers, dm, -1, err) && covered;
     const bool vec = vector_rows<T>(dm, y);
-    for (int j = warp_id(); go && j < rows; j += warp_count()) {
+    const int items = go ? interleaved_items(dm, recv_base) : 0;
+    for (int item = warp_id(); item < items; item += warp_count()) {
+        const int j = staged_row(dm, recv_base, item);
+        if (j < 0) continue;
         const int s = row_src[2 * j];
         const int64_t slot = static_cast<int64_t>(dm.rank) * dm.max_tokens + (j - recv_base[s]);
         T* dst = reinterpret_cast<T*>(peers.back[s]) + slot * H;
@@ -773,12 +793,14 @@ __device__ void combine_backward_expert(const EpPeers& peers, const EpDims& dm, 
                                         const int* exp_rows, const int* offsets, int rows_given, T* grad_y,
                                         unsigned* done, int* err) {
     const int lane = threadIdx.x & 31;
-    const int K = dm.topk, H = dm.hidden, rows = recv_base[dm.world];
+    const int K = dm.topk, H = dm.hidden;
     const int64_t stage_elems = dm.stage_row_bytes / static_cast<int64_t>(sizeof(T));
     const bool arrived = wait_all(dm, EP_SIG_DATA, err);
     // As in combine_send: too few rows of y, and no flag goes up.
     const bool covered = !y || rows_cover(dm, recv_base, offsets, rows_given, err);
-    for (int j = warp_id(); arrived && covered && j < rows; j += warp_count()) {
+    // Only K floats per row cross the links here, so rows go in staged order.
+    const int rows = arrived && covered ? recv_base[dm.world] : 0;
+    for (int j = warp_id(); j < rows; j += warp_count()) {
         const T* g = stage_g + static_cast<int64_t>(j) * stage_elems;
         const int s = row_src[2 * j];
         const int64_t slot = static_cast<int64_t>(dm.rank) * dm.max_tokens + (j - recv_base[s]);
