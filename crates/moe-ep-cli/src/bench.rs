@@ -18,7 +18,7 @@ use moe_ep::baseline::{reference, AllGatherShape, Ceiling, NcclBaselines};
 use moe_ep::probe;
 use moe_ep::{
     DType, Dispatcher, EpConfig, EpError, Group, Layout, Placement, PlacementSpec, Tensor,
-    TensorRef,
+    TensorRef, Timer,
 };
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -755,7 +755,9 @@ struct RankRun {
 }
 
 /// Every rank at once: a host barrier before each timed call, so that no rank's time includes a
-/// peer's untimed work.
+/// peer's untimed work; the timer then starts after a device barrier
+/// (`Timer::start_together`), so the ranks' timed work starts together on the GPUs rather than
+/// whenever each host process got there.
 fn barrier(ep: &mut Dispatcher) -> moe_ep::Result<()> {
     ep.all_gather_host(Vec::new()).map(|_| ())
 }
@@ -813,7 +815,7 @@ fn rank_iterations(
         // the last iteration's outputs are read to the host (untimed) before they are dropped.
 
         barrier(ep)?;
-        let timer = ep.timer()?;
+        let timer = ep.timer_together()?;
         let (out, handle) = ep.dispatch(x.view(), idx.view(), Some(weights.view()), scales)?;
         let dispatch_time = timer.stop(&*ep)?;
         // The timer waited for the work; this reports what the device found.
@@ -827,7 +829,7 @@ fn rank_iterations(
         };
         let y = widened.as_ref().map_or_else(|| out.x.view(), |w| w.view());
         barrier(ep)?;
-        let timer = ep.timer()?;
+        let timer = ep.timer_together()?;
         let combined = ep.combine(&handle, y, None)?;
         let combine_time = timer.stop(&*ep)?;
         ep.synchronize()?;
@@ -835,7 +837,7 @@ fn rank_iterations(
         drop((combined, out));
 
         barrier(ep)?;
-        let timer = ep.timer()?;
+        let timer = ep.timer_together()?;
         let cached = ep.dispatch_cached(&handle, x.view(), scales)?;
         let cached_time = timer.stop(&*ep)?;
         ep.synchronize()?;
@@ -845,7 +847,7 @@ fn rank_iterations(
         // End to end: dispatch, then combine of its rows (fp8: the widened rows of the same
         // routing, made above), one timer around both.
         barrier(ep)?;
-        let timer = ep.timer()?;
+        let timer = ep.timer_together()?;
         let (out2, handle2) = ep.dispatch(x.view(), idx.view(), Some(weights.view()), scales)?;
         let y2 = widened.as_ref().map_or_else(|| out2.x.view(), |w| w.view());
         let combined2 = ep.combine(&handle2, y2, None)?;
@@ -868,7 +870,7 @@ fn rank_iterations(
 
         if let (Some(nb), Some(samples)) = (nccl.as_deref_mut(), nccl_samples.as_mut()) {
             barrier(ep)?;
-            let timer = nb.timer()?;
+            let timer = Timer::start_together(&*nb, ep)?;
             let d = nb.alltoall_dispatch(x.view(), idx.view())?;
             let dispatch_time = timer.stop(&*nb)?;
             let wy = match needs_widening(plan) {
@@ -877,7 +879,7 @@ fn rank_iterations(
             };
             let y = wy.as_ref().map_or_else(|| d.x.view(), |w| w.view());
             barrier(ep)?;
-            let timer = nb.timer()?;
+            let timer = Timer::start_together(&*nb, ep)?;
             let c = nb.alltoall_combine(&d, y, weights.view())?;
             let combine_time = timer.stop(&*nb)?;
             if it == last_it {
@@ -888,7 +890,7 @@ fn rank_iterations(
             }
             drop((c, d));
             barrier(ep)?;
-            let timer = nb.timer()?;
+            let timer = Timer::start_together(&*nb, ep)?;
             let d2 = nb.alltoall_dispatch(x.view(), idx.view())?;
             let y2 = wy.as_ref().map_or_else(|| d2.x.view(), |w| w.view());
             let c2 = nb.alltoall_combine(&d2, y2, weights.view())?;
@@ -901,7 +903,7 @@ fn rank_iterations(
             (nccl.as_deref_mut(), ag_shape.as_ref(), ag_samples.as_mut())
         {
             barrier(ep)?;
-            let timer = nb.timer()?;
+            let timer = Timer::start_together(&*nb, ep)?;
             let d = nb.allgather_dispatch(shape, x.view(), idx.view(), weights.view())?;
             let dispatch_time = timer.stop(&*nb)?;
             let wy = match needs_widening(plan) {
@@ -910,7 +912,7 @@ fn rank_iterations(
             };
             let y = wy.as_ref().map_or_else(|| d.x.view(), |w| w.view());
             barrier(ep)?;
-            let timer = nb.timer()?;
+            let timer = Timer::start_together(&*nb, ep)?;
             let c = nb.allgather_combine(&d, y)?;
             let combine_time = timer.stop(&*nb)?;
             if it == last_it {
@@ -921,7 +923,7 @@ fn rank_iterations(
             }
             drop((c, d));
             barrier(ep)?;
-            let timer = nb.timer()?;
+            let timer = Timer::start_together(&*nb, ep)?;
             let d2 = nb.allgather_dispatch(shape, x.view(), idx.view(), weights.view())?;
             let y2 = wy.as_ref().map_or_else(|| d2.x.view(), |w| w.view());
             let c2 = nb.allgather_combine(&d2, y2)?;
@@ -933,7 +935,7 @@ fn rank_iterations(
         if let (Some(pair), Some(samples)) = (ceilings.as_deref_mut(), ceiling_samples.as_mut()) {
             let round = |ep: &mut Dispatcher, c: &mut Ceiling| -> moe_ep::Result<Duration> {
                 barrier(ep)?;
-                let timer = c.timer()?;
+                let timer = Timer::start_together(&*c, ep)?;
                 c.run()?;
                 timer.stop(&*c)
             };

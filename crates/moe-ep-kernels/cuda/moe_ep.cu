@@ -458,6 +458,14 @@ extern "C" __global__ void __launch_bounds__(1024)
     finish_phase(peers, dm, done, EP_SIG_DATA, true);
 }
 
+// A call of its own (dm.begins_call): waits until every rank reached it, in stream order. One
+// block.
+extern "C" __global__ void ep_barrier(EpPeers peers, EpDims dm, int* err) {
+    enter_call(peers, dm, -1, err);
+    __syncthreads();
+    if (threadIdx.x == 0) commit_call(dm);
+}
+
 // Token-major layout: waits for every rank's rows, which are staged (in this call's receive slot:
 // `stage_*` point at it) in (source, token) order, and copies them out (the payload only when
 // `out_x`: an output that is the slot itself needs no copy), with their metadata unless

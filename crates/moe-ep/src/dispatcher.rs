@@ -122,6 +122,16 @@ impl Dispatcher {
         self.run(|b| b.all_gather_host(bytes))
     }
 
+    /// Waits until every rank of the group made this call, in the order of this rank's other
+    /// calls (every rank makes it at the same point of its sequence). On the CUDA backend this is
+    /// a kernel on the dispatcher's stream, and the host does not wait: work queued after it
+    /// starts on every GPU within about a microsecond of the others, whenever each host got there.
+    /// On the CPU backend, the host rendezvous.
+    pub fn barrier(&mut self) -> Result<()> {
+        self.check_usable()?;
+        self.run(|b| b.barrier())
+    }
+
     /// The raw `CUstream` this dispatcher's calls run on (CUDA backend; `None` on the CPU). Calls
     /// are asynchronous on it: order work that produces inputs or consumes outputs against it
     /// (enqueue it on this stream, e.g. as `torch.cuda.ExternalStream`, or with events).

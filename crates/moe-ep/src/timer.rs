@@ -110,7 +110,33 @@ impl Timer {
     }
 }
 
+impl Timer {
+    /// Starts timing `on` once every rank of `ep`'s group reached this point
+    /// ([`Dispatcher::barrier`]): the ranks' timed work then starts together on the devices, not
+    /// when each host arrives, and the host's queuing of it overlaps the barrier. On the CPU
+    /// backend, the host rendezvous, then the host clock.
+    pub fn start_together(on: &impl Timed, ep: &mut Dispatcher) -> Result<Timer> {
+        ep.barrier()?;
+        if let (Some((ordinal, theirs)), Some((_, ours))) = (on.timing_stream(), ep.timing_stream())
+        {
+            if theirs != ours {
+                let ctx = primary_context(ordinal).map_err(device_error)?;
+                let met = Event::ordering(&ctx).map_err(device_error)?;
+                met.record_on(ep).map_err(device_error)?;
+                met.make_wait_on(on).map_err(device_error)?;
+            }
+        }
+        Timer::start(on)
+    }
+}
+
 impl Dispatcher {
+    /// [`Timer::start_together`] for this dispatcher's own calls.
+    pub fn timer_together(&mut self) -> Result<Timer> {
+        self.barrier()?;
+        Timer::start(self)
+    }
+
     /// Starts a [`Timer`] on this dispatcher's stream: `let t = ep.timer()?; ep.dispatch(..)?;
     /// let took = t.stop(&ep)?;`. The time is what the device spent from the start event to the
     /// end event, so a caller's host-side barrier before the span is not counted; errors the
@@ -148,5 +174,39 @@ mod tests {
         assert_eq!(format!("{timer:?}"), "Timer(host clock)");
         std::thread::sleep(std::time::Duration::from_millis(2));
         assert!(timer.stop(&ep).unwrap() >= std::time::Duration::from_millis(2));
+    }
+
+    #[test]
+    fn cpu_timers_started_together_wait_for_every_rank() {
+        let config = EpConfig::builder()
+            .num_experts(2)
+            .topk(1)
+            .hidden(4)
+            .max_tokens_per_rank(1)
+            .build()
+            .unwrap();
+        let groups = Group::cpu_world(2).unwrap();
+        let late = std::time::Duration::from_millis(20);
+        let waited: Vec<std::time::Duration> = std::thread::scope(|s| {
+            let ranks: Vec<_> = groups
+                .iter()
+                .map(|g| {
+                    let config = config.clone();
+                    s.spawn(move || {
+                        let mut ep = Dispatcher::new(g, config).unwrap();
+                        if ep.rank() == 1 {
+                            std::thread::sleep(late);
+                        }
+                        let arrived = std::time::Instant::now();
+                        let timer = ep.timer_together().unwrap();
+                        timer.stop(&ep).unwrap();
+                        arrived.elapsed()
+                    })
+                })
+                .collect();
+            ranks.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        // Rank 0 arrived first and waited for rank 1 at the barrier.
+        assert!(waited[0] >= late / 2, "rank 0 waited {:?}", waited[0]);
     }
 }

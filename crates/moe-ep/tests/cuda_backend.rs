@@ -88,10 +88,14 @@ fn run_rank_on(
     let x = put(TensorRef::new(&d.x, &[t, h]).map_err(err)?)?;
     let topk = put(TensorRef::new(&d.topk, &[t, k]).map_err(err)?)?;
     let w = put(TensorRef::new(&d.weights, &[t, k]).map_err(err)?)?;
+    // Device barriers between calls take call numbers of their own: the calls after them must
+    // still match.
+    ep.barrier().map_err(err)?;
     let (out, handle) = ep
         .dispatch(x.view(), topk.view(), Some(w.view()), None)
         .map_err(err)?;
     let combined = ep.combine(&handle, out.x.view(), None).map_err(err)?;
+    ep.barrier().map_err(err)?;
     let grad = ep
         .dispatch_backward(&handle, out.x.view(), None)
         .map_err(err)?;

@@ -97,6 +97,12 @@ pub(crate) trait Backend: Send {
     /// Every rank's `bytes`, indexed by rank, through the group's control plane (host memory).
     fn all_gather_host(&mut self, bytes: Vec<u8>) -> Result<Vec<Vec<u8>>>;
 
+    /// Waits until every rank reached this point, in the order of this rank's calls. The host
+    /// rendezvous by default; a GPU backend waits on the device instead, without the host.
+    fn barrier(&mut self) -> Result<()> {
+        self.all_gather_host(Vec::new()).map(|_| ())
+    }
+
     /// The raw CUDA stream this rank's calls run on (`None` on the CPU).
     fn cuda_stream(&self) -> Option<u64>;
 

@@ -35,7 +35,7 @@ use crate::ffi::baseline_kernels::{num_chunks, BaselineKernels, SumType, MAX_SHA
 use crate::ffi::cuda_event::primary_context;
 use crate::ffi::cuda_memory::describe;
 use crate::ffi::cuda_stream::Stream;
-use crate::ffi::device_buffer::DeviceBuffer;
+use crate::ffi::device_buffer::{device_buffer, device_buffer_from_host, DeviceBuffer};
 use crate::ffi::nccl::{self, Comm, ReduceType, Transfer, UNIQUE_ID_BYTES};
 use crate::placement::Placement;
 use crate::tensor::{Device, Tensor, TensorRef};
@@ -213,7 +213,7 @@ fn i32_table(stream: &Stream, values: impl IntoIterator<Item = i64>) -> Result<D
         .into_iter()
         .flat_map(|v| (v as i32).to_le_bytes())
         .collect();
-    DeviceBuffer::from_host(stream, &bytes).map_err(device_error)
+    device_buffer_from_host(stream, &bytes).map_err(device_error)
 }
 
 impl NcclBaselines {
@@ -245,6 +245,9 @@ impl NcclBaselines {
         // the others instead of leaving them waiting inside NCCL.
         let prepared = readiness(ep).and_then(|ordinal| {
             let ctx = primary_context(ordinal)?;
+            // The baselines' buffers come from the device's default pool: keep what they free
+            // there, as the library's pool does, so no timed call maps memory anew.
+            crate::ffi::cuda_memory::keep_pool_memory(&ctx)?;
             let stream = Stream::owned(
                 ctx.new_stream()
                     .map_err(|e| describe("creating a stream", e))?,
@@ -358,7 +361,7 @@ impl NcclBaselines {
     }
 
     fn buffer(&self, bytes: usize) -> Result<DeviceBuffer> {
-        self.check(DeviceBuffer::new(&self.stream, bytes))
+        self.check(device_buffer(&self.stream, bytes))
     }
 
     fn sum_type(&self) -> (SumType, ReduceType) {

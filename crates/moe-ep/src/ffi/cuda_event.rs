@@ -85,6 +85,26 @@ impl Event {
         .map_err(|e| describe("cuStreamWaitEvent", e))
     }
 
+    /// Makes the work queued later on the stream of a [`crate::Timed`] value wait until this
+    /// event's work is done (no host wait).
+    pub(crate) fn make_wait_on(&self, on: &impl crate::timer::Timed) -> Result<(), String> {
+        let (_, stream) = on
+            .timing_stream()
+            .ok_or("ordering work that does not run on a CUDA stream")?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| describe("binding the context", e))?;
+        // SAFETY: the event is alive; the stream is as in `record_on` (Timed is sealed).
+        unsafe {
+            result::stream::wait_event(
+                stream as sys::CUstream,
+                self.raw(),
+                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+        }
+        .map_err(|e| describe("cuStreamWaitEvent", e))
+    }
+
     /// Waits on the host until the recorded work is done.
     pub(crate) fn synchronize(&self) -> Result<(), String> {
         self.ctx

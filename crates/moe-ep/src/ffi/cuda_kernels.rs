@@ -110,15 +110,17 @@ pub(crate) struct Kernels {
     _module: Arc<CudaModule>,
     route_notify: CudaFunction,
     dispatch_send: CudaFunction,
+    barrier: CudaFunction,
     layout_token_major: CudaFunction,
     layout_expert_major: CudaFunction,
     expand_rows: CudaFunction,
     typed: Vec<(Elem, Typed)>,
 }
 
-const PLAIN: [&str; 5] = [
+const PLAIN: [&str; 6] = [
     "ep_route_notify",
     "ep_dispatch_send",
+    "ep_barrier",
     "ep_layout_token_major",
     "ep_layout_expert_major",
     "ep_expand_rows",
@@ -177,7 +179,7 @@ impl Kernels {
         let mut typed_fns = f.split_off(PLAIN.len()).into_iter();
         let mut plain = f.into_iter();
         let mut next = || plain.next().expect("one function per name");
-        let (route_notify, dispatch_send) = (next(), next());
+        let (route_notify, dispatch_send, barrier) = (next(), next(), next());
         let (layout_token_major, layout_expert_major, expand_rows) = (next(), next(), next());
         let typed = ELEMS
             .iter()
@@ -199,6 +201,7 @@ impl Kernels {
             _module: module,
             route_notify,
             dispatch_send,
+            barrier,
             layout_token_major,
             layout_expert_major,
             expand_rows,
@@ -266,6 +269,22 @@ impl Kernels {
             Arg::Ptr(err),
         ];
         launch(s, &self.route_notify, grid, args, "ep_route_notify")
+    }
+
+    /// A barrier among the ranks, as a call of its own (`dm.begins_call`). One block.
+    pub(crate) fn barrier(
+        &self,
+        s: &Stream,
+        peers: &EpPeers,
+        dm: EpDims,
+        err: u64,
+    ) -> Result<(), String> {
+        let grid = Grid {
+            blocks: 1,
+            threads: 32,
+        };
+        let args = vec![Arg::Peers(Box::new(*peers)), Arg::Dims(dm), Arg::Ptr(err)];
+        launch(s, &self.barrier, grid, args, "ep_barrier")
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -137,18 +137,36 @@ pub(crate) struct StreamBuffer {
 }
 
 impl StreamBuffer {
-    /// `bytes` bytes of unspecified content, ordered on `stream`: for outputs the kernels write
-    /// in full (a memset would be one more operation on the stream per buffer and call).
+    /// `bytes` bytes of unspecified content from the library's pool, ordered on `stream`: for
+    /// outputs the kernels write in full (a memset would be one more operation on the stream per
+    /// buffer and call).
     pub(crate) fn uninit(stream: &Stream, bytes: usize) -> Result<Self, String> {
+        StreamBuffer::uninit_in(stream, bytes, Pool::Library)
+    }
+
+    /// [`Self::uninit`] from the given pool.
+    pub(crate) fn uninit_in(stream: &Stream, bytes: usize, pool: Pool) -> Result<Self, String> {
         stream
             .context()
             .bind_to_thread()
             .map_err(|e| describe("binding the context", e))?;
         let bytes = bytes.max(1);
-        // SAFETY: the stream belongs to the current context; the memory is owned by the returned
-        // value and freed once, in Drop, on the same stream.
-        let ptr = unsafe { result::malloc_async(stream.raw(), bytes) }
-            .map_err(|e| describe("cuMemAllocAsync", e))?;
+        let ptr = match pool {
+            // SAFETY: the stream belongs to the current context; the memory is owned by the
+            // returned value and freed once, in Drop, on the same stream.
+            Pool::DeviceDefault => unsafe { result::malloc_async(stream.raw(), bytes) }
+                .map_err(|e| describe("cuMemAllocAsync", e))?,
+            Pool::Library => {
+                let pool = library_pool(stream.context())?;
+                let mut ptr = 0;
+                // SAFETY: as above; `pool` is a live pool of this stream's device (never
+                // destroyed) and the driver writes `ptr` before it is read.
+                unsafe { sys::cuMemAllocFromPoolAsync(&mut ptr, bytes, pool, stream.raw()) }
+                    .result()
+                    .map_err(|e| describe("cuMemAllocFromPoolAsync", e))?;
+                ptr
+            }
+        };
         Ok(StreamBuffer {
             ptr,
             bytes,
@@ -187,9 +205,14 @@ impl StreamBuffer {
         Ok(buf)
     }
 
-    /// A copy of host bytes.
+    /// A copy of host bytes, in the library's pool.
     pub(crate) fn from_host(stream: &Stream, data: &[u8]) -> Result<Self, String> {
-        let buf = StreamBuffer::uninit(stream, data.len())?;
+        StreamBuffer::from_host_in(stream, data, Pool::Library)
+    }
+
+    /// A copy of host bytes, in the given pool.
+    pub(crate) fn from_host_in(stream: &Stream, data: &[u8], pool: Pool) -> Result<Self, String> {
+        let buf = StreamBuffer::uninit_in(stream, data.len(), pool)?;
         if !data.is_empty() {
             // SAFETY: the destination holds at least data.len() bytes; the source slice outlives
             // the copy because the stream is synchronized before returning.
@@ -214,7 +237,37 @@ impl StreamBuffer {
 
     /// Copies the first `out.len()` bytes to the host, waiting for the stream.
     pub(crate) fn read(&self, out: &mut [u8]) -> Result<(), String> {
+        if out.len() > self.bytes {
+            return Err(format!("reading {} bytes of {}", out.len(), self.bytes));
+        }
         read_device(&self.stream, self.ptr, out)
+    }
+
+    /// The first `n` i32 values, read to the host (waits for the stream).
+    pub(crate) fn read_i32(&self, n: usize) -> Result<Vec<i32>, String> {
+        let mut bytes = vec![0u8; n * 4];
+        self.read(&mut bytes)?;
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect())
+    }
+
+    /// A view of the first `shape`'s bytes as a tensor of `dtype`.
+    pub(crate) fn view(
+        &self,
+        shape: &[usize],
+        dtype: crate::dtype::DType,
+    ) -> crate::error::Result<crate::tensor::TensorRef<'_>> {
+        let need = shape.iter().product::<usize>() * dtype.size();
+        assert!(
+            need <= self.bytes,
+            "a view of {need} bytes over a buffer of {}",
+            self.bytes
+        );
+        // SAFETY: the buffer holds at least the view's bytes on device `ordinal` (checked above),
+        // and the view borrows the buffer, so the memory outlives it.
+        unsafe { crate::tensor::TensorRef::from_device_ptr(self.ptr, self.ordinal(), shape, dtype) }
     }
 
     /// Overwrites the first `data.len()` bytes from the host, waiting for the stream.
@@ -301,8 +354,8 @@ pub(crate) fn enable_peer_access(
 }
 
 /// Keeps freed stream-ordered memory in the device's default pool instead of returning it to the
-/// driver at every synchronization, so each call's outputs reuse mapped memory rather than map
-/// hundreds of MB anew.
+/// driver at every synchronization (for the benchmark baselines, which allocate there; the
+/// library's own pool does the same for its outputs).
 pub(crate) fn keep_pool_memory(ctx: &Arc<CudaContext>) -> Result<(), String> {
     ctx.bind_to_thread()
         .map_err(|e| describe("binding the context", e))?;
@@ -323,6 +376,57 @@ pub(crate) fn keep_pool_memory(ctx: &Arc<CudaContext>) -> Result<(), String> {
         .result()
         .map_err(|e| describe("cuMemPoolSetAttribute", e))
     }
+}
+
+/// Where a [`StreamBuffer`]'s memory comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pool {
+    /// The library's own pool on the device: other users of the device's default pool (other
+    /// libraries, the benchmark baselines) cannot fragment it, so the large capacity-sized outputs
+    /// of each call are taken from memory it already holds.
+    Library,
+    /// The device's default pool (`cuMemAllocAsync`).
+    DeviceDefault,
+}
+
+/// The library's pool on `ctx`'s device: made on first use, kept for the life of the process,
+/// holding on to freed memory (release threshold: never) so calls do not map memory anew.
+fn library_pool(ctx: &Arc<CudaContext>) -> Result<sys::CUmemoryPool, String> {
+    use std::sync::{Mutex, OnceLock};
+    // Pool handles by device ordinal, as integers so the registry is Send.
+    static POOLS: OnceLock<Mutex<Vec<(usize, usize)>>> = OnceLock::new();
+    let ordinal = ctx.ordinal();
+    let mut pools = POOLS
+        .get_or_init(|| Mutex::new(Vec::new()))
+        .lock()
+        .map_err(|_| "the pool registry was poisoned by a panic".to_string())?;
+    if let Some(&(_, pool)) = pools.iter().find(|(o, _)| *o == ordinal) {
+        return Ok(pool as sys::CUmemoryPool);
+    }
+    // SAFETY: a zeroed CUmemPoolProps is the documented default (then the fields below are set).
+    let mut props: sys::CUmemPoolProps = unsafe { std::mem::zeroed() };
+    props.allocType = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+    props.handleTypes = sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_NONE;
+    props.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+    props.location.id = ordinal as i32;
+    let mut pool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: `props` describes this device; the driver writes `pool` before it is used, and the
+    // attribute takes a pointer to a u64 that lives through the call.
+    unsafe {
+        sys::cuMemPoolCreate(&mut pool, &props)
+            .result()
+            .map_err(|e| describe("cuMemPoolCreate", e))?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut std::ffi::c_void,
+        )
+        .result()
+        .map_err(|e| describe("cuMemPoolSetAttribute", e))?;
+    }
+    pools.push((ordinal, pool as usize));
+    Ok(pool)
 }
 
 /// Loads an embedded fatbin and its kernels by name.

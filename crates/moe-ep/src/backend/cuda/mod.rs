@@ -186,7 +186,6 @@ impl CudaRank {
         let stream = ctx
             .new_stream()
             .map_err(|e| unavailable(mem::describe("creating a stream", e)))?;
-        mem::keep_pool_memory(&ctx).map_err(unavailable)?;
         Ok(CudaRank {
             ctx,
             stream: Stream::owned(stream),
@@ -824,6 +823,14 @@ impl Backend for CudaBackend {
             }
             ControlPlane::Tcp(tcp) => tcp.all_gather(key, Op::Host, bytes, timeout),
         }
+    }
+
+    fn barrier(&mut self) -> Result<()> {
+        let dm = self.dims(0, true);
+        let r = self
+            .kernels
+            .barrier(self.stream(), &self.peers, dm, self.err.ptr());
+        self.check(r)
     }
 
     unsafe fn set_cuda_stream(&mut self, stream: u64) -> Result<()> {
