@@ -745,7 +745,8 @@ __device__ void combine_send(const EpPeers& peers, const EpDims& dm, const T* y,
 
 // Source side: waits for flag `sig` from every rank, then out[t] = sum over destinations d
 // ascending (those with pos[t][d] >= 0) of the row d sent back, f32 from +0.0, rounded once; the
-// [K] side values likewise into out_side. One warp per token, 16 bytes a lane.
+// [K] side values likewise into out_side. A warp per token (or per part of one, see below), 16
+// bytes a lane.
 template <typename T>
 __device__ void combine_reduce(const EpDims& dm, const T* back, const float* back_side, const int* pos,
                                int num_tokens, T* out, float* out_side, int sig, int* err) {
@@ -753,12 +754,21 @@ __device__ void combine_reduce(const EpDims& dm, const T* back, const float* bac
     if (!wait_all(dm, sig, err)) return;
     const int K = dm.topk, H = dm.hidden, lane = threadIdx.x & 31;
     const bool vec = vector_rows<T>(dm, out);
-    for (int t = warp_id(); t < num_tokens; t += warp_count()) {
+    // A lane walks its part of a row one dependent load batch after another; with few tokens, a
+    // warp per token would leave most warps idle and those chains long. Each token's row is then
+    // split into `parts` pieces of whole 32-lane strides, a warp each.
+    const int units = vec ? H / V::kLen : H;  // vectors or elements per row
+    const int parts = max(1, min(min(8, (units + 31) / 32), warp_count() / max(num_tokens, 1)));
+    const int per_part = ((units + parts - 1) / parts + 31) / 32 * 32;
+    const int64_t items = static_cast<int64_t>(num_tokens) * parts;
+    for (int64_t item = warp_id(); item < items; item += warp_count()) {
+        const int t = static_cast<int>(item / parts), part = static_cast<int>(item % parts);
+        const int begin = part * per_part, end = min(units, begin + per_part);
         const int* p = pos + static_cast<int64_t>(t) * dm.world;
         const auto back_row = [&](int d) { return back + (static_cast<int64_t>(d) * dm.max_tokens + p[d]) * H; };
         if (out && vec) {
             const unsigned sources = __ballot_sync(0xffffffffu, lane < dm.world && p[lane] >= 0);
-            for (int v = lane; v < H / V::kLen; v += 32) {
+            for (int v = begin + lane; v < end; v += 32) {
                 float acc[V::kLen];
 #pragma unroll
                 for (int i = 0; i < V::kLen; ++i) acc[i] = 0.f;
@@ -771,7 +781,7 @@ __device__ void combine_reduce(const EpDims& dm, const T* back, const float* bac
                 o.store(reinterpret_cast<int4*>(out + static_cast<int64_t>(t) * H) + v);
             }
         } else if (out) {
-            for (int h = lane; h < H; h += 32) {
+            for (int h = begin + lane; h < end; h += 32) {
                 float acc = 0.f;
                 for (int d = 0; d < dm.world; ++d) {
                     if (p[d] >= 0) acc = acc + widen(back_row(d)[h]);
@@ -779,7 +789,7 @@ __device__ void combine_reduce(const EpDims& dm, const T* back, const float* bac
                 out[static_cast<int64_t>(t) * H + h] = narrow<T>(acc);
             }
         }
-        for (int k = lane; out_side && k < K; k += 32) {
+        for (int k = lane; part == 0 && out_side && k < K; k += 32) {
             float acc = 0.f;
             for (int d = 0; d < dm.world; ++d) {
                 if (p[d] < 0) continue;
