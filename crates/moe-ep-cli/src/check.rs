@@ -122,6 +122,26 @@ pub fn verify_rank(expected: &Expected, rank: usize, out: &LastOutputs) -> Resul
     )
 }
 
+/// A baseline's dispatch rows on rank `rank`, bit for bit: `rows(topk_idx of every rank)` says
+/// which source row each output row must be.
+fn check_baseline_rows(
+    config: &EpConfig,
+    inputs: &[RankData],
+    rank: usize,
+    out: &BaselineOutputs,
+    rows: impl Fn(&[&[i32]]) -> Vec<reference::Slot>,
+) -> Result<(), String> {
+    let idx: Vec<&[i32]> = inputs.iter().map(|r| r.topk_idx.as_slice()).collect();
+    let x: Vec<&[u8]> = inputs.iter().map(|r| r.x.as_slice()).collect();
+    reference::check_rows(
+        &format!("dispatch rank {rank}"),
+        &rows(&idx),
+        out.dispatch.host_bytes(),
+        config.hidden() * config.dtype().size(),
+        &x,
+    )
+}
+
 /// Checks rank `rank`'s last outputs of the NCCL all-to-all path against what it must produce
 /// (`moe_ep::baseline::reference`): the received rows bit for bit, and, with identity experts
 /// (y = the received rows in the combine dtype, `to_combine_dtype`), the weighted un-permute
@@ -135,17 +155,9 @@ pub fn verify_alltoall(
     to_combine_dtype: &dyn Fn(&[u8]) -> Vec<u8>,
 ) -> Result<(), String> {
     let k = config.topk();
-    let idx: Vec<&[i32]> = inputs.iter().map(|r| r.topk_idx.as_slice()).collect();
-    let x: Vec<&[u8]> = inputs.iter().map(|r| r.x.as_slice()).collect();
-    let rows = reference::alltoall_received(&idx, k, placement, rank);
-    let row_bytes = config.hidden() * config.dtype().size();
-    reference::check_rows(
-        &format!("dispatch rank {rank}"),
-        &rows,
-        out.dispatch.host_bytes(),
-        row_bytes,
-        &x,
-    )?;
+    check_baseline_rows(config, inputs, rank, out, |idx| {
+        reference::alltoall_received(idx, k, placement, rank)
+    })?;
     let mine = &inputs[rank];
     let xc = to_combine_dtype(&mine.x);
     let cd = config.combine_dtype();
@@ -190,17 +202,9 @@ pub fn verify_allgather(
     to_combine_dtype: &dyn Fn(&[u8]) -> Vec<u8>,
 ) -> Result<(), String> {
     let k = config.topk();
-    let idx: Vec<&[i32]> = inputs.iter().map(|r| r.topk_idx.as_slice()).collect();
-    let x: Vec<&[u8]> = inputs.iter().map(|r| r.x.as_slice()).collect();
-    let rows = reference::allgather_selected(&idx, k, placement, rank);
-    let row_bytes = config.hidden() * config.dtype().size();
-    reference::check_rows(
-        &format!("dispatch rank {rank}"),
-        &rows,
-        out.dispatch.host_bytes(),
-        row_bytes,
-        &x,
-    )?;
+    check_baseline_rows(config, inputs, rank, out, |idx| {
+        reference::allgather_selected(idx, k, placement, rank)
+    })?;
     let mine = &inputs[rank];
     let xc = to_combine_dtype(&mine.x);
     let cd = config.combine_dtype();

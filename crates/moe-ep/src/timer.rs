@@ -159,15 +159,19 @@ impl std::fmt::Debug for Timer {
 mod tests {
     use crate::{Dispatcher, EpConfig, Group};
 
-    #[test]
-    fn cpu_timers_read_the_host_clock() {
-        let config = EpConfig::builder()
+    fn tiny_config() -> EpConfig {
+        EpConfig::builder()
             .num_experts(2)
             .topk(1)
             .hidden(4)
             .max_tokens_per_rank(1)
             .build()
-            .unwrap();
+            .unwrap()
+    }
+
+    #[test]
+    fn cpu_timers_read_the_host_clock() {
+        let config = tiny_config();
         let group = Group::cpu_world(1).unwrap().remove(0);
         let ep = Dispatcher::new(&group, config).unwrap();
         let timer = ep.timer().unwrap();
@@ -178,13 +182,7 @@ mod tests {
 
     #[test]
     fn cpu_timers_started_together_wait_for_every_rank() {
-        let config = EpConfig::builder()
-            .num_experts(2)
-            .topk(1)
-            .hidden(4)
-            .max_tokens_per_rank(1)
-            .build()
-            .unwrap();
+        let config = tiny_config();
         let groups = Group::cpu_world(2).unwrap();
         let late = std::time::Duration::from_millis(20);
         let waited: Vec<std::time::Duration> = std::thread::scope(|s| {
