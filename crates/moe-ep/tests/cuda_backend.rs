@@ -349,7 +349,7 @@ fn dispatch_combine(group: &Group, config: &EpConfig, d: &RankData) -> Result<Ve
 
 /// Dispatch and combine recorded once into a CUDA graph on every rank, then replayed with new data
 /// written into the same input tensors: each replay equals, bit for bit, what the CPU backend
-/// computes for that data. One rank per GPU: replayed graphs of ranks sharing a GPU were seen not
+/// computes for that data, and leaves an eager output held meanwhile untouched. One rank per GPU: replayed graphs of ranks sharing a GPU were seen not
 /// to run side by side, and these ranks wait for each other inside kernels.
 #[test]
 fn dispatch_and_combine_replay_from_a_cuda_graph() {
@@ -409,6 +409,12 @@ fn dispatch_and_combine_replay_from_a_cuda_graph() {
                     result.copy_from(combined.x.view())
                 })
                 .map_err(err)?;
+            // An eager dispatch whose output is held across the replays: it must not be handed
+            // out from the receive slot the graph writes into on every replay.
+            let (held, _held_handle) = ep
+                .dispatch(x.view(), topk.view(), Some(w.view()), None)
+                .map_err(err)?;
+            let held_before = held.x.to_host().map_err(err)?.host_bytes().to_vec();
             let mut got = Vec::new();
             for round in &rounds {
                 let d = &round[rank];
@@ -421,6 +427,9 @@ fn dispatch_and_combine_replay_from_a_cuda_graph() {
                 graph.replay().map_err(err)?;
                 ep.synchronize().map_err(err)?;
                 got.push(result.to_host().map_err(err)?.host_bytes().to_vec());
+            }
+            if held.x.to_host().map_err(err)?.host_bytes() != held_before {
+                return Err("a replay overwrote a dispatch output held by the caller".into());
             }
             Ok(got)
         })

@@ -223,6 +223,33 @@ struct SlotLease {
     _lease: Arc<()>,
 }
 
+/// Which receive slot a call uses, and whether its rows are handed out as the output (leased),
+/// given which slots no output holds (`free`) and which a recorded graph writes into. A slot is
+/// leased only when the caller may take it (`may_lease`: the output's rows are laid out as the
+/// staged rows), another slot stays free for the next call, no graph writes into it (its replays
+/// would overwrite the output), and the call is not being recorded; otherwise the rows are copied
+/// out of the first free slot.
+fn choose_slot(
+    free: &[bool],
+    graph_slots: &[bool],
+    may_lease: bool,
+    capturing: bool,
+) -> (usize, bool) {
+    let free: Vec<usize> = (0..free.len()).filter(|&i| free[i]).collect();
+    let leasable = (may_lease && !capturing && free.len() >= 2)
+        .then(|| free.iter().copied().find(|&i| !graph_slots[i]))
+        .flatten();
+    match leasable {
+        Some(i) => (i, true),
+        None => (
+            *free
+                .first()
+                .expect("a slot is leased only while another one stays free"),
+            false,
+        ),
+    }
+}
+
 /// SMs the data kernels use unless `EpConfig::num_sms` says otherwise.
 const DEFAULT_NUM_SMS: u32 = 24;
 
@@ -280,6 +307,10 @@ pub(crate) struct CudaBackend {
     blocks: u32,
     /// One per receive slot: a slot is leased while a clone of its Arc lives in an output.
     slot_leases: Vec<Arc<()>>,
+    /// Receive slots that a recorded graph writes into on every replay: never leased again.
+    graph_slots: Vec<bool>,
+    /// Whether calls are being recorded into a graph.
+    capturing: bool,
     /// Host rounds (`all_gather_host`) made so far.
     host_rounds: u64,
     /// Where this dispatcher's calls run: the rank's stream, or one the caller set.
@@ -370,6 +401,8 @@ impl CudaBackend {
             epoch,
             blocks,
             slot_leases: (0..STAGE_SLOTS).map(|_| Arc::new(())).collect(),
+            graph_slots: vec![false; STAGE_SLOTS],
+            capturing: false,
             host_rounds: 0,
             stream,
         })
@@ -526,17 +559,19 @@ impl CudaBackend {
         self.check(r)
     }
 
-    /// The receive slot of a call: the first one free. Its rows may be handed out as the output
-    /// (`may_lease`: the output's rows are laid out as the staged rows) only while another slot
-    /// stays free for the next call; otherwise the layout copies them out.
-    fn pick_slot(&self, may_lease: bool) -> RecvSlot {
-        let free: Vec<usize> = (0..STAGE_SLOTS)
-            .filter(|&i| Arc::strong_count(&self.slot_leases[i]) == 1)
+    /// The receive slot of a call (see [`choose_slot`]); a call being recorded marks its slot as a
+    /// graph's.
+    fn pick_slot(&mut self, may_lease: bool) -> RecvSlot {
+        let free: Vec<bool> = self
+            .slot_leases
+            .iter()
+            .map(|l| Arc::strong_count(l) == 1)
             .collect();
-        let index = *free
-            .first()
-            .expect("a slot is leased only while another one stays free");
-        let lease = (may_lease && free.len() >= 2).then(|| {
+        let (index, leased) = choose_slot(&free, &self.graph_slots, may_lease, self.capturing);
+        if self.capturing {
+            self.graph_slots[index] = true;
+        }
+        let lease = leased.then(|| {
             Arc::new(SlotLease {
                 shared: self.shared.clone(),
                 _lease: self.slot_leases[index].clone(),
@@ -844,10 +879,13 @@ impl Backend for CudaBackend {
     fn begin_capture(&mut self) -> Result<()> {
         self.stream
             .begin_capture()
-            .map_err(|e| device_error(mem::describe("cuStreamBeginCapture", e)))
+            .map_err(|e| device_error(mem::describe("cuStreamBeginCapture", e)))?;
+        self.capturing = true;
+        Ok(())
     }
 
     fn end_capture(&mut self) -> Result<crate::graph::Graph> {
+        self.capturing = false;
         let graph = self
             .stream
             .end_capture()
@@ -1212,5 +1250,46 @@ impl Backend for CudaBackend {
             grad_y,
             grad_weights,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::choose_slot;
+
+    #[test]
+    fn a_slot_is_leased_only_while_another_stays_free() {
+        assert_eq!(
+            choose_slot(&[true, true], &[false, false], true, false),
+            (0, true)
+        );
+        assert_eq!(
+            choose_slot(&[false, true], &[false, false], true, false),
+            (1, false)
+        );
+        assert_eq!(
+            choose_slot(&[true, false], &[false, false], true, false),
+            (0, false)
+        );
+        assert_eq!(
+            choose_slot(&[true, true], &[false, false], false, false),
+            (0, false)
+        );
+    }
+
+    #[test]
+    fn graphs_never_lease_and_their_slots_are_never_leased() {
+        assert_eq!(
+            choose_slot(&[true, true], &[false, false], true, true),
+            (0, false)
+        );
+        assert_eq!(
+            choose_slot(&[true, true], &[true, false], true, false),
+            (1, true)
+        );
+        assert_eq!(
+            choose_slot(&[true, true], &[true, true], true, false),
+            (0, false)
+        );
     }
 }
