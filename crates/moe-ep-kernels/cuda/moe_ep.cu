@@ -263,7 +263,7 @@ __device__ __forceinline__ int64_t load_expert(const void* topk, int idx64, int6
                  : static_cast<int64_t>(reinterpret_cast<const int*>(topk)[i]);
 }
 
-// The id of a slot if it is a valid expert, else -1 (invalid ids are reported by ep_route).
+// The id of a slot if it is a valid expert, else -1 (invalid ids are reported by ep_route_notify).
 __device__ __forceinline__ int slot_expert(const void* topk, int idx64, int64_t i, int num_experts) {
     int64_t e = load_expert(topk, idx64, i);
     return (e >= 0 && e < num_experts) ? static_cast<int>(e) : -1;

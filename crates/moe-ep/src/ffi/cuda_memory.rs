@@ -124,9 +124,9 @@ impl Drop for SharedBuffer {
     }
 }
 
-/// Device memory used on one stream: either its own stream-ordered allocation
-/// (`cuMemAllocAsync`, freed on the same stream when dropped: the outputs and handle state of each
-/// call, which only this rank touches), or a region of a [`SharedBuffer`] that something else
+/// Device memory used on one stream: either its own stream-ordered allocation (from a [`Pool`],
+/// freed on the same stream when dropped: the outputs and handle state of each call, which only
+/// this rank touches), or a region of a [`SharedBuffer`] that something else
 /// owns and this value keeps alive (an output handed out straight from where peers wrote it).
 pub(crate) struct StreamBuffer {
     ptr: sys::CUdeviceptr,
