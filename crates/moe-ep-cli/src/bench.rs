@@ -14,7 +14,10 @@ use crate::report::{
 use crate::workload::{self, RankData, Shape};
 use half::bf16;
 use indicatif::{ProgressBar, ProgressStyle};
-use moe_ep::baseline::{reference, AllGatherShape, Ceiling, NcclBaselines};
+use moe_ep::baseline::{
+    reference, AllGatherDispatch, AllGatherShape, AllToAllDispatch, Ceiling, DeviceTensor,
+    NcclBaselines,
+};
 use moe_ep::probe;
 use moe_ep::{
     DType, Dispatcher, EpConfig, EpError, Group, Layout, Placement, PlacementSpec, Tensor,
@@ -868,68 +871,37 @@ fn rank_iterations(
             });
         }
 
+        let keep = it == last_it;
         if let (Some(nb), Some(samples)) = (nccl.as_deref_mut(), nccl_samples.as_mut()) {
-            barrier(ep)?;
-            let timer = Timer::start_together(&*nb, ep)?;
-            let d = nb.alltoall_dispatch(x.view(), idx.view())?;
-            let dispatch_time = timer.stop(&*nb)?;
-            let wy = match needs_widening(plan) {
-                false => None,
-                true => identity_y(ep, &d.x.to_host()?, d.x.dims()[0], plan)?,
-            };
-            let y = wy.as_ref().map_or_else(|| d.x.view(), |w| w.view());
-            barrier(ep)?;
-            let timer = Timer::start_together(&*nb, ep)?;
-            let c = nb.alltoall_combine(&d, y, weights.view())?;
-            let combine_time = timer.stop(&*nb)?;
-            if it == last_it {
-                last_nccl = Some(BaselineOutputs {
-                    dispatch: d.x.to_host()?,
-                    combine: c.to_host()?,
-                });
+            let (times, kept) = baseline_iteration(
+                ep,
+                nb,
+                plan,
+                keep,
+                |nb| nb.alltoall_dispatch(x.view(), idx.view()),
+                |nb, d, y| nb.alltoall_combine(d, y, weights.view()),
+            )?;
+            if kept.is_some() {
+                last_nccl = kept;
             }
-            drop((c, d));
-            barrier(ep)?;
-            let timer = Timer::start_together(&*nb, ep)?;
-            let d2 = nb.alltoall_dispatch(x.view(), idx.view())?;
-            let y2 = wy.as_ref().map_or_else(|| d2.x.view(), |w| w.view());
-            let c2 = nb.alltoall_combine(&d2, y2, weights.view())?;
-            let e2e_time = timer.stop(&*nb)?;
-            drop((c2, d2, wy));
-            record(samples, timed, [dispatch_time, combine_time, e2e_time]);
+            record(samples, timed, times);
         }
 
         if let (Some(nb), Some(shape), Some(samples)) =
             (nccl.as_deref_mut(), ag_shape.as_ref(), ag_samples.as_mut())
         {
-            barrier(ep)?;
-            let timer = Timer::start_together(&*nb, ep)?;
-            let d = nb.allgather_dispatch(shape, x.view(), idx.view(), weights.view())?;
-            let dispatch_time = timer.stop(&*nb)?;
-            let wy = match needs_widening(plan) {
-                false => None,
-                true => identity_y(ep, &d.x.to_host()?, d.x.dims()[0], plan)?,
-            };
-            let y = wy.as_ref().map_or_else(|| d.x.view(), |w| w.view());
-            barrier(ep)?;
-            let timer = Timer::start_together(&*nb, ep)?;
-            let c = nb.allgather_combine(&d, y)?;
-            let combine_time = timer.stop(&*nb)?;
-            if it == last_it {
-                last_ag = Some(BaselineOutputs {
-                    dispatch: d.x.to_host()?,
-                    combine: c.to_host()?,
-                });
+            let (times, kept) = baseline_iteration(
+                ep,
+                nb,
+                plan,
+                keep,
+                |nb| nb.allgather_dispatch(shape, x.view(), idx.view(), weights.view()),
+                |nb, d, y| nb.allgather_combine(d, y),
+            )?;
+            if kept.is_some() {
+                last_ag = kept;
             }
-            drop((c, d));
-            barrier(ep)?;
-            let timer = Timer::start_together(&*nb, ep)?;
-            let d2 = nb.allgather_dispatch(shape, x.view(), idx.view(), weights.view())?;
-            let y2 = wy.as_ref().map_or_else(|| d2.x.view(), |w| w.view());
-            let c2 = nb.allgather_combine(&d2, y2)?;
-            let e2e_time = timer.stop(&*nb)?;
-            drop((c2, d2, wy));
-            record(samples, timed, [dispatch_time, combine_time, e2e_time]);
+            record(samples, timed, times);
         }
 
         if let (Some(pair), Some(samples)) = (ceilings.as_deref_mut(), ceiling_samples.as_mut()) {
@@ -961,6 +933,66 @@ fn rank_iterations(
         last_nccl,
         last_allgather: last_ag,
     })
+}
+
+/// The received rows of a baseline's dispatch: what the identity expert hands back to its combine.
+trait BaselineRows {
+    fn rows(&self) -> &DeviceTensor;
+}
+
+impl BaselineRows for AllToAllDispatch {
+    fn rows(&self) -> &DeviceTensor {
+        &self.x
+    }
+}
+
+impl BaselineRows for AllGatherDispatch {
+    fn rows(&self) -> &DeviceTensor {
+        &self.x
+    }
+}
+
+/// One iteration of a baseline path, each call timed as ours are (a host barrier, then a timer
+/// started after a device barrier): dispatch; combine of the identity expert's rows; both again
+/// end to end. Returns the three times and, when `keep`, the outputs read to the host for the
+/// check.
+fn baseline_iteration<D: BaselineRows>(
+    ep: &mut Dispatcher,
+    nb: &mut NcclBaselines,
+    plan: &Plan,
+    keep: bool,
+    dispatch: impl Fn(&mut NcclBaselines) -> moe_ep::Result<D>,
+    combine: impl Fn(&mut NcclBaselines, &D, TensorRef<'_>) -> moe_ep::Result<DeviceTensor>,
+) -> moe_ep::Result<([Duration; 3], Option<BaselineOutputs>)> {
+    barrier(ep)?;
+    let timer = Timer::start_together(&*nb, ep)?;
+    let d = dispatch(nb)?;
+    let dispatch_time = timer.stop(&*nb)?;
+    let wy = match needs_widening(plan) {
+        false => None,
+        true => identity_y(ep, &d.rows().to_host()?, d.rows().dims()[0], plan)?,
+    };
+    let y = wy.as_ref().map_or_else(|| d.rows().view(), |w| w.view());
+    barrier(ep)?;
+    let timer = Timer::start_together(&*nb, ep)?;
+    let c = combine(nb, &d, y)?;
+    let combine_time = timer.stop(&*nb)?;
+    let kept = match keep {
+        true => Some(BaselineOutputs {
+            dispatch: d.rows().to_host()?,
+            combine: c.to_host()?,
+        }),
+        false => None,
+    };
+    drop((c, d));
+    barrier(ep)?;
+    let timer = Timer::start_together(&*nb, ep)?;
+    let d2 = dispatch(nb)?;
+    let y2 = wy.as_ref().map_or_else(|| d2.rows().view(), |w| w.view());
+    let c2 = combine(nb, &d2, y2)?;
+    let e2e_time = timer.stop(&*nb)?;
+    drop((c2, d2, wy));
+    Ok(([dispatch_time, combine_time, e2e_time], kept))
 }
 
 /// Whether the identity expert must widen the received rows (fp8 payloads combine in bf16).
