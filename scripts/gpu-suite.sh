@@ -10,7 +10,8 @@
 # distinct GPUs when there are several; the CUDA-vs-CPU and timeout tests; compute-sanitizer
 # memcheck and racecheck on the one-rank case (the sanitizers serialize kernels, so ranks that
 # wait for each other inside kernels would only time out under them); a short bench. Logs go to $OUT (or .bin/logs).
-# GPU_SUITE_ONLY=WORD runs only the steps whose name contains WORD.
+# GPU_SUITE_ONLY=WORD runs only the steps whose name contains WORD; GPU_SUITE_SKIP=WORD skips those.
+# Each step is stopped after GPU_SUITE_STEP_TIMEOUT seconds (default 300), so a hang costs one step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,9 +41,10 @@ rows=()
 step() {
     local name="$1"; shift
     if [ -n "${GPU_SUITE_ONLY:-}" ] && [[ "$name" != *"$GPU_SUITE_ONLY"* ]]; then return 0; fi
+    if [ -n "${GPU_SUITE_SKIP:-}" ] && [[ "$name" == *"$GPU_SUITE_SKIP"* ]]; then return 0; fi
     local log="$LOGS/$(echo "$name" | tr -c 'A-Za-z0-9_.\n-' '_').log"
     local start=$SECONDS
-    "$@" >"$log" 2>&1
+    timeout "${GPU_SUITE_STEP_TIMEOUT:-300}" "$@" >"$log" 2>&1
     local rc=$?
     local summary
     summary="$(grep -E '^test result:' "$log" | tail -n 1 | sed -E 's/^test result: //; s/; 0 measured.*//')"
@@ -64,7 +66,7 @@ run() {
     # Up to 8 ranks share a GPU here; each needs its own hardware queue (see Group::cuda_local).
     export PATH="/usr/local/cuda/bin:$PATH" RUST_BACKTRACE=1 CUDA_DEVICE_MAX_CONNECTIONS=32
     nvidia-smi -L
-    nvidia-smi topo -m 2>/dev/null | head -n 8
+    nvidia-smi topo -m 2>/dev/null | head -n 12
     local n
     n="$(nvidia-smi -L | wc -l)"
     local all
@@ -79,8 +81,9 @@ run() {
         .bin/conformance_cuda --exact world_1
     step "racecheck (1 rank)" env MOE_EP_TEST_DEVICES=0 compute-sanitizer --tool racecheck --error-exitcode 9 \
         .bin/conformance_cuda --exact world_1
-    step "bench world $n" .bin/moe-ep bench --backend cuda --world "$n" --tokens 1,128,4096 --iters 10 --warmup 3
-    [ -f "$LOGS/bench_world_$n.log" ] && tail -n 12 "$LOGS/bench_world_$n.log"
+    step "bench world $n" .bin/moe-ep bench --backend cuda --world "$n" --tokens 1,128,512,4096,8192 \
+        --iters 10 --warmup 3 --json "$LOGS/world$n.json" --plot "$LOGS/world$n.svg"
+    [ -f "$LOGS/bench_world_$n.log" ] && grep -A 12 '^Summary' "$LOGS/bench_world_$n.log"
     table
 }
 
@@ -94,10 +97,10 @@ sweep() {
     n="$(nvidia-smi -L | wc -l)"
     local b=(timeout 300 .bin/moe-ep bench --backend cuda --iters 10 --warmup 3)
     local all_t=1,16,128,512,1024,4096,8192
-    for w in 4 2; do
+    for w in 8 4 2; do
         [ "$n" -ge "$w" ] || continue
         step "bench w$w token-major" "${b[@]}" --world $w --tokens $all_t --json "$LOGS/w$w.json" --plot "$LOGS/w$w.svg"
-        [ $w = 4 ] && step "bench w$w expert-major" "${b[@]}" --world $w --tokens 1,128,4096 --layout expert-major --json "$LOGS/w${w}_em.json"
+        [ $w != 2 ] && step "bench w$w expert-major" "${b[@]}" --world $w --tokens 1,128,4096 --layout expert-major --json "$LOGS/w${w}_em.json"
         step "bench w$w iris" "${b[@]}" --world $w --tokens 128,4096 --hidden 4096 --topk 2 --num-experts $((8 * w)) --json "$LOGS/w${w}_iris.json"
         step "bench w$w small" "${b[@]}" --world $w --tokens 128,4096 --hidden 2048 --topk 6 --num-experts 64 --json "$LOGS/w${w}_small.json"
     done

@@ -22,6 +22,12 @@ fn cuda_or_skip(test: &str) -> Option<CudaLocal> {
     }
 }
 
+/// The world of the CUDA-vs-CPU checks: one rank per GPU on a machine of 8 GPUs (the usual EP8
+/// node), else 4 ranks placed round-robin on the GPUs there are.
+fn cpu_comparison_world(cuda: &CudaLocal) -> usize {
+    cuda.distinct_devices().clamp(4, 8)
+}
+
 struct RankData {
     x: Vec<bf16>,
     topk: Vec<i32>,
@@ -181,7 +187,7 @@ fn cuda_matches_cpu_bit_for_bit_on_fresh_random_inputs() {
         .expect("clock after 1970")
         .as_nanos() as u64;
     let (t, h, e, k) = SHAPE;
-    let data = random_inputs(seed, 4, t, h, e, k);
+    let data = random_inputs(seed, cpu_comparison_world(&cuda), t, h, e, k);
     for layout in LAYOUTS {
         let config = config_for(layout, e, k, h, t);
         let on_cpu = run_all(&CpuBackend, &config, &data);
@@ -202,10 +208,10 @@ fn cuda_matches_cpu_bit_for_bit_on_fresh_random_inputs() {
 /// binary as a torchrun-style launch would, each running `process_rank`.
 #[test]
 fn one_process_per_rank_matches_cpu_bit_for_bit() {
-    if cuda_or_skip("one_process_per_rank_matches_cpu_bit_for_bit").is_none() {
+    let Some(cuda) = cuda_or_skip("one_process_per_rank_matches_cpu_bit_for_bit") else {
         return;
-    }
-    let world = 4;
+    };
+    let world = cpu_comparison_world(&cuda);
     let port = std::net::TcpListener::bind(("127.0.0.1", 0))
         .and_then(|l| l.local_addr())
         .expect("a free port")
