@@ -10,7 +10,8 @@
 # distinct GPUs when there are several; the CUDA-vs-CPU and timeout tests; compute-sanitizer
 # memcheck and racecheck on the one-rank case (the sanitizers serialize kernels, so ranks that
 # wait for each other inside kernels would only time out under them); a short bench. Logs go to $OUT (or .bin/logs).
-# GPU_SUITE_ONLY=WORD runs only the steps whose name contains WORD; GPU_SUITE_SKIP=WORD skips those.
+# GPU_SUITE_ONLY=WORD runs only the steps whose name contains WORD; GPU_SUITE_SKIP=REGEX skips the
+# steps whose name matches it (e.g. 'racecheck|ranks on gpus').
 # Each step is stopped after GPU_SUITE_STEP_TIMEOUT seconds (default 300), so a hang costs one step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,7 +42,7 @@ rows=()
 step() {
     local name="$1"; shift
     if [ -n "${GPU_SUITE_ONLY:-}" ] && [[ "$name" != *"$GPU_SUITE_ONLY"* ]]; then return 0; fi
-    if [ -n "${GPU_SUITE_SKIP:-}" ] && [[ "$name" == *"$GPU_SUITE_SKIP"* ]]; then return 0; fi
+    if [ -n "${GPU_SUITE_SKIP:-}" ] && [[ "$name" =~ $GPU_SUITE_SKIP ]]; then return 0; fi
     local log="$LOGS/$(echo "$name" | tr -c 'A-Za-z0-9_.\n-' '_').log"
     local start=$SECONDS
     timeout "${GPU_SUITE_STEP_TIMEOUT:-300}" "$@" >"$log" 2>&1

@@ -30,6 +30,22 @@ __device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
     return v;
 }
 
+__device__ __forceinline__ void red_add_release_sys(unsigned* p, unsigned v) {
+    asm volatile("red.release.sys.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ unsigned ld_acquire_sys(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+// Arrival counter (from, chunk) in the signals buffer at `signals` (layout in moe_ep.h).
+__device__ __forceinline__ unsigned* arrival_counter(uint64_t signals, const EpDims& dm, int from, int chunk) {
+    const int chunks = (dm.max_tokens + EP_CHUNK_TOKENS - 1) / EP_CHUNK_TOKENS;
+    return reinterpret_cast<unsigned*>(signals + EP_ARRIVALS_OFFSET) + from * chunks + chunk;
+}
+
 __device__ __forceinline__ uint64_t global_timer_ns() {
     uint64_t t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -623,8 +639,10 @@ struct Vec16 {
     static constexpr int kLen = 16 / sizeof(T);
     alignas(16) T e[kLen];
 
+    // Buffers peers store into are read past L1 (__ldcg): the combine reads rows while others
+    // still arrive, and L1 is not coherent with those stores.
     __device__ __forceinline__ void load(const int4* p, bool read_only) {
-        *reinterpret_cast<int4*>(e) = read_only ? __ldg(p) : *p;
+        *reinterpret_cast<int4*>(e) = read_only ? __ldg(p) : __ldcg(p);
     }
     __device__ __forceinline__ void store(int4* p) const { *p = *reinterpret_cast<const int4*>(e); }
 };
@@ -670,24 +688,19 @@ __device__ __forceinline__ void accumulate_sources(float (&acc)[Vec16<T>::kLen],
 // major y[j] itself; expert-major the partial sum over j's expansions in ascending slot order of
 // w(row) * y[row] (fmaf from +0.0), rounded once. `weights`: per-row weights overriding the
 // recorded `row_weights` (expert-major), or null; `unit_weights` makes every weight 1 (plain adds).
-// Begins its call: waits until every rank entered, so no source still reads the rows this
-// overwrites. One warp per staged row (sources interleaved), 16 bytes a lane; the last block
-// raises the data flag.
+// Warps `warp`, `warp + warps`, ... of the grid take one staged row each (sources interleaved),
+// 16 bytes a lane. After each row (and its side values) the warp adds 1 to s's arrival counter of
+// t's chunk with a system-scope release, so s can reduce that chunk as soon as it is complete.
 template <typename T>
-__device__ void combine_send(const EpPeers& peers, const EpDims& dm, const T* y, const float* weights,
-                             const float* row_weights, int unit_weights, const int* recv_base, const int* row_src,
-                             const int* row_slots, const int* exp_rows, const float* side, int side_mode,
-                             const int* offsets, int rows_given, unsigned* done, int* err) {
+__device__ void send_back_rows(const EpPeers& peers, const EpDims& dm, const T* y, const float* weights,
+                               const float* row_weights, int unit_weights, const int* recv_base, const int* row_src,
+                               const int* row_slots, const int* exp_rows, const float* side, int side_mode,
+                               bool expert_major, int warp, int warps) {
     using V = Vec16<T>;
     const int K = dm.topk, H = dm.hidden, lane = threadIdx.x & 31;
-    const bool expert_major = offsets != nullptr;
-    // Too few rows handed back: send nothing and raise no flag, so the sources time out naming
-    // this rank rather than reduce rows it never sent.
-    const bool covered = rows_cover(dm, recv_base, offsets, rows_given, err);
-    const bool go = enter_call(peers, dm, -1, err) && covered;
     const bool vec = vector_rows<T>(dm, y);
-    const int items = go ? interleaved_items(dm, recv_base) : 0;
-    for (int item = warp_id(); item < items; item += warp_count()) {
+    const int items = interleaved_items(dm, recv_base);
+    for (int item = warp; item < items; item += warps) {
         const int j = staged_row(dm, recv_base, item);
         if (j < 0) continue;
         const int s = row_src[2 * j];
@@ -703,8 +716,9 @@ __device__ void combine_send(const EpPeers& peers, const EpDims& dm, const T* y,
                 float acc[V::kLen];
 #pragma unroll
                 for (int i = 0; i < V::kLen; ++i) acc[i] = 0.f;
-                // Two batched loads: a token has about K / world slots on one rank.
-                accumulate_sources<T, 2>(
+                // One load at a time: a second in flight would spill registers in ep_combine,
+                // whose warps also reduce; the links, not these loads, set the pace here.
+                accumulate_sources<T, 1>(
                     acc, slots, true, unit_weights,
                     [&](int k) { return reinterpret_cast<const int4*>(y + static_cast<int64_t>(er[k]) * H) + v; },
                     [&](int k) { return weights ? weights[er[k]] : row_weights[er[k]]; });
@@ -739,31 +753,85 @@ __device__ void combine_send(const EpPeers& peers, const EpDims& dm, const T* y,
                 sd[k] = v;
             }
         }
+        // The warp's stores are ordered before lane 0's release (cumulativity through the warp
+        // barrier), so s sees the whole row once it sees the count.
+        __syncwarp();
+        if (lane == 0) {
+            red_add_release_sys(arrival_counter(peers.signals[s], dm, dm.rank, row_src[2 * j + 1] / EP_CHUNK_TOKENS), 1u);
+        }
     }
-    finish_phase(peers, dm, done, EP_SIG_DATA, covered);
 }
 
-// Source side: waits for flag `sig` from every rank, then out[t] = sum over destinations d
-// ascending (those with pos[t][d] >= 0) of the row d sent back, f32 from +0.0, rounded once; the
-// [K] side values likewise into out_side. A warp per token (or per part of one, see below), 16
-// bytes a lane.
+static_assert(EP_CHUNK_TOKENS == 32, "wait_chunk gives each lane one token of the chunk");
+
+// Waits until every rank sent back all its rows for chunk c of this rank's tokens: for each rank
+// d, the chunk's tokens routed to d (pos) against d's arrival counter. One warp; lane d watches
+// rank d. False in every lane on timeout (naming the missing rank) or once the call failed.
+__device__ bool wait_chunk(const EpDims& dm, const int* pos, int num_tokens, int c, int* err) {
+    const int lane = threadIdx.x & 31;
+    const int t = c * EP_CHUNK_TOKENS + lane;
+    unsigned expected = 0;
+    for (int d = 0; d < dm.world; ++d) {
+        const bool goes = t < num_tokens && pos[static_cast<int64_t>(t) * dm.world + d] >= 0;
+        const unsigned n = __popc(__ballot_sync(0xffffffffu, goes));
+        if (lane == d) expected = n;
+    }
+    bool ok = true;
+    if (lane < dm.world && expected > 0) {
+        const unsigned* counter = arrival_counter(dm.my_signals, dm, lane, c);
+        const uint64_t deadline = global_timer_ns() + dm.timeout_ns;
+        while (ld_acquire_sys(counter) < expected) {
+            if (failed(err)) {
+                ok = false;
+                break;
+            }
+            if (global_timer_ns() > deadline) {
+                report(err, EP_ERR_TIMEOUT, dm.rank, lane, EP_SIG_DATA);
+                ok = false;
+                break;
+            }
+            __nanosleep(64);
+        }
+    }
+    // The acquiring lanes' view passes to the whole warp through the vote's barrier.
+    return __all_sync(0xffffffffu, ok);
+}
+
+// Source side: out[t] = sum over destinations d ascending (those with pos[t][d] >= 0) of the row d
+// sent back, f32 from +0.0, rounded once; the [K] side values likewise into out_side. A warp takes
+// a token (or a part of one, see below) at a time, in ascending token order: from `next_item`
+// (an atomic counter, so warps that join late share what is left) when given, else items `warp`,
+// `warp + warps`, ... 16 bytes a lane. `warps`: how many warps take part in all. With
+// `per_chunk`, a warp first waits for its token's chunk to be complete (wait_chunk); otherwise
+// every row has already arrived.
 template <typename T>
-__device__ void combine_reduce(const EpDims& dm, const T* back, const float* back_side, const int* pos,
-                               int num_tokens, T* out, float* out_side, int sig, int* err) {
+__device__ void reduce_tokens(const EpDims& dm, const T* back, const float* back_side, const int* pos, int num_tokens,
+                              T* out, float* out_side, bool per_chunk, unsigned* next_item, int warp, int warps,
+                              int* err) {
     using V = Vec16<T>;
-    if (!wait_all(dm, sig, err)) return;
     const int K = dm.topk, H = dm.hidden, lane = threadIdx.x & 31;
     const bool vec = vector_rows<T>(dm, out);
     // A lane walks its part of a row one dependent load batch after another; with few tokens, a
     // warp per token would leave most warps idle and those chains long. Each token's row is then
     // split into `parts` pieces of whole 32-lane strides, a warp each.
     const int units = vec ? H / V::kLen : H;  // vectors or elements per row
-    const int parts = max(1, min(min(8, (units + 31) / 32), warp_count() / max(num_tokens, 1)));
+    const int parts = max(1, min(min(8, (units + 31) / 32), warps / max(num_tokens, 1)));
     const int per_part = ((units + parts - 1) / parts + 31) / 32 * 32;
-    const int64_t items = static_cast<int64_t>(num_tokens) * parts;
-    for (int64_t item = warp_id(); item < items; item += warp_count()) {
-        const int t = static_cast<int>(item / parts), part = static_cast<int>(item % parts);
-        const int begin = part * per_part, end = min(units, begin + per_part);
+    const int items = num_tokens * parts;  // at most 8 * max_tokens
+    int ready_chunk = -1;
+    for (int item = warp;; item += warps) {
+        if (next_item) {
+            unsigned taken = 0;
+            if (lane == 0) taken = atomicAdd(next_item, 1u);
+            item = static_cast<int>(min(__shfl_sync(0xffffffffu, taken, 0), static_cast<unsigned>(items)));
+        }
+        if (item >= items) break;
+        const int t = item / parts, part = item % parts;
+        if (per_chunk && t / EP_CHUNK_TOKENS != ready_chunk) {
+            if (!wait_chunk(dm, pos, num_tokens, t / EP_CHUNK_TOKENS, err)) return;
+            ready_chunk = t / EP_CHUNK_TOKENS;
+        }
+    const int begin = part * per_part, end = min(units, begin + per_part);
         const int* p = pos + static_cast<int64_t>(t) * dm.world;
         const auto back_row = [&](int d) { return back + (static_cast<int64_t>(d) * dm.max_tokens + p[d]) * H; };
         if (out && vec) {
@@ -784,7 +852,7 @@ __device__ void combine_reduce(const EpDims& dm, const T* back, const float* bac
             for (int h = begin + lane; h < end; h += 32) {
                 float acc = 0.f;
                 for (int d = 0; d < dm.world; ++d) {
-                    if (p[d] >= 0) acc = acc + widen(back_row(d)[h]);
+                    if (p[d] >= 0) acc = acc + widen(__ldcg(back_row(d) + h));
                 }
                 out[static_cast<int64_t>(t) * H + h] = narrow<T>(acc);
             }
@@ -793,11 +861,63 @@ __device__ void combine_reduce(const EpDims& dm, const T* back, const float* bac
             float acc = 0.f;
             for (int d = 0; d < dm.world; ++d) {
                 if (p[d] < 0) continue;
-                acc = acc + back_side[(static_cast<int64_t>(d) * dm.max_tokens + p[d]) * K + k];
+                acc = acc + __ldcg(back_side + (static_cast<int64_t>(d) * dm.max_tokens + p[d]) * K + k);
             }
             out_side[static_cast<int64_t>(t) * K + k] = acc;
         }
     }
+}
+
+// A whole combine-direction call in one kernel (combine, dispatch_backward): every rank sends its
+// staged rows back (send_back_rows) while the sources reduce each chunk of tokens as soon as it is
+// complete (reduce_tokens), so the reduce overlaps the transfer instead of following it. In each
+// block, warps 0..send_warps-1 send and the others reduce from the start; senders join the reduce
+// once their rows are out (items come from the counter done[1]). Begins its call: waits until
+// every rank entered, so no source still reads the rows this overwrites. Too few rows handed back:
+// this rank sends nothing, so the sources time out naming it rather than reduce rows it never
+// sent. The last block zeroes the item counter and this rank's arrival counters for the next call:
+// every counter is full by then (each chunk was waited for), so no increment of this call is
+// still on its way. After a failure the group is poisoned and they stay as they are.
+template <typename T>
+__device__ void combine(const EpPeers& peers, const EpDims& dm, const T* y, const float* weights,
+                        const float* row_weights, int unit_weights, const int* recv_base, const int* row_src,
+                        const int* row_slots, const int* exp_rows, const float* side, int side_mode,
+                        const int* offsets, int rows_given, const T* back, const float* back_side, const int* pos,
+                        int num_tokens, T* out, float* out_side, int send_warps, unsigned* done, int* err) {
+    const bool covered = rows_cover(dm, recv_base, offsets, rows_given, err);
+    const bool entered = enter_call(peers, dm, -1, err);
+    const int per_block = static_cast<int>(blockDim.x >> 5), w = static_cast<int>(threadIdx.x >> 5);
+    send_warps = min(max(send_warps, 1), per_block - 1);
+    unsigned* next_item = done + 1;
+    if (entered) {
+        if (w < send_warps && covered) {
+            send_back_rows<T>(peers, dm, y, weights, row_weights, unit_weights, recv_base, row_src, row_slots,
+                              exp_rows, side, side_mode, offsets != nullptr, blockIdx.x * send_warps + w,
+                              gridDim.x * send_warps);
+        }
+        reduce_tokens<T>(dm, back, back_side, pos, num_tokens, out, out_side, true, next_item, 0,
+                         gridDim.x * per_block, err);
+    }
+    if (!arrive_last(done)) return;
+    if (threadIdx.x == 0) *next_item = 0u;
+    if (!failed(err)) {
+        const int chunks = (num_tokens + EP_CHUNK_TOKENS - 1) / EP_CHUNK_TOKENS;
+        for (int i = threadIdx.x; i < dm.world * chunks; i += blockDim.x) {
+            *arrival_counter(dm.my_signals, dm, i / chunks, i % chunks) = 0u;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) commit_call(dm);
+}
+
+// Waits for flag `sig` from every rank, then reduce_tokens with every warp of the grid (the side
+// values of combine_backward, which arrive after a kernel of their own).
+template <typename T>
+__device__ void combine_reduce(const EpDims& dm, const T* back, const float* back_side, const int* pos,
+                               int num_tokens, T* out, float* out_side, int sig, int* err) {
+    if (!wait_all(dm, sig, err)) return;
+    reduce_tokens<T>(dm, back, back_side, pos, num_tokens, out, out_side, false, nullptr, warp_id(), warp_count(),
+                     err);
 }
 
 // Expert-major combine_backward on the expert rank, once the staged gradient rows arrived:
@@ -846,13 +966,15 @@ __device__ void combine_backward_expert(const EpPeers& peers, const EpDims& dm, 
 }
 
 #define EP_INSTANTIATE(SUFFIX, T)                                                                           \
-    extern "C" __global__ void __launch_bounds__(1024) ep_combine_send_##SUFFIX(                            \
+    extern "C" __global__ void __launch_bounds__(1024) ep_combine_##SUFFIX(                                 \
         EpPeers peers, EpDims dm, const T* y, const float* weights, const float* row_weights,               \
         int unit_weights, const int* recv_base, const int* row_src, const int* row_slots,                   \
         const int* exp_rows, const float* side, int side_mode, const int* offsets, int rows_given,          \
-        unsigned* done, int* err) {                                                                         \
-        combine_send<T>(peers, dm, y, weights, row_weights, unit_weights, recv_base, row_src, row_slots,    \
-                        exp_rows, side, side_mode, offsets, rows_given, done, err);                         \
+        const T* back, const float* back_side, const int* pos, int num_tokens, T* out, float* out_side,     \
+        int send_warps, unsigned* done, int* err) {                                                         \
+        combine<T>(peers, dm, y, weights, row_weights, unit_weights, recv_base, row_src, row_slots,         \
+                   exp_rows, side, side_mode, offsets, rows_given, back, back_side, pos, num_tokens, out,   \
+                   out_side, send_warps, done, err);                                                        \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(1024) ep_combine_reduce_##SUFFIX(                          \
         EpDims dm, const T* back, const float* back_side, const int* pos, int num_tokens, T* out,           \

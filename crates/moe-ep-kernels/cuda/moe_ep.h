@@ -11,6 +11,13 @@
 #define EP_SIG_DATA2 2  // the second data phase of a call (combine_backward's weight gradients)
 #define EP_NUM_SIGNALS 3
 
+// After the flags, each rank's signals buffer holds its combine arrival counters: u32
+// [world][ceil(max_tokens / EP_CHUNK_TOKENS)], counter (d, c) = rows rank d sent back for this
+// rank's tokens c * EP_CHUNK_TOKENS .. + EP_CHUNK_TOKENS of the running call. The combine reduces a
+// chunk as soon as its counters are full, and resets them at its end.
+#define EP_CHUNK_TOKENS 32
+#define EP_ARRIVALS_OFFSET (EP_NUM_SIGNALS * EP_MAX_WORLD * 8)
+
 // Error record: int[4] = {code, a, b, c}; the first error of a call wins.
 #define EP_ERR_EXPERT_ID 1  // a = token, b = slot, c = id
 #define EP_ERR_TIMEOUT 2    // a = waiting rank, b = missing rank, c = flag

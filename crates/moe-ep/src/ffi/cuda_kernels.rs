@@ -11,9 +11,11 @@ use std::sync::Arc;
 
 /// Must equal EP_MAX_WORLD in moe_ep.h.
 pub(crate) const MAX_WORLD: usize = 16;
-pub(crate) const SIG_DATA: i32 = 1;
 pub(crate) const SIG_DATA2: i32 = 2;
 pub(crate) const NUM_SIGNALS: usize = 3;
+/// Tokens per combine arrival counter (EP_CHUNK_TOKENS); the counters follow the flags in each
+/// rank's signals buffer, u32 [world][ceil(max_tokens / CHUNK_TOKENS)].
+pub(crate) const CHUNK_TOKENS: usize = 32;
 pub(crate) const ERR_EXPERT_ID: i32 = 1;
 pub(crate) const ERR_TIMEOUT: i32 = 2;
 pub(crate) const ERR_CAPACITY: i32 = 3;
@@ -65,6 +67,34 @@ pub(crate) struct EpDims {
     pub timeout_ns: u64,
 }
 
+/// What the send-back half of `ep_combine` reads (device addresses; 0 for absent ones).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct CombineSend {
+    pub y: u64,
+    pub weights: u64,
+    pub row_weights: u64,
+    pub unit_weights: bool,
+    pub recv_base: u64,
+    pub row_src: u64,
+    pub row_slots: u64,
+    pub exp_rows: u64,
+    pub side: u64,
+    pub side_mode: i32,
+    pub offsets: u64,
+    pub rows_given: i32,
+}
+
+/// What the reduce half of `ep_combine` (and `ep_combine_reduce`) reads and writes.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct CombineReduce {
+    pub back: u64,
+    pub back_side: u64,
+    pub pos: u64,
+    pub num_tokens: i32,
+    pub out: u64,
+    pub out_side: u64,
+}
+
 /// One kernel argument, stored by value until the launch copies it.
 enum Arg {
     Ptr(u64),
@@ -100,7 +130,7 @@ pub(crate) enum Elem {
 const ELEMS: [(Elem, &str); 3] = [(Elem::Bf16, "bf16"), (Elem::F16, "f16"), (Elem::F32, "f32")];
 
 struct Typed {
-    combine_send: CudaFunction,
+    combine: CudaFunction,
     combine_reduce: CudaFunction,
     combine_backward_expert: CudaFunction,
 }
@@ -167,7 +197,7 @@ impl Kernels {
         let mut names: Vec<String> = PLAIN.iter().map(|s| s.to_string()).collect();
         for (_, suffix) in ELEMS {
             for base in [
-                "ep_combine_send",
+                "ep_combine",
                 "ep_combine_reduce",
                 "ep_combine_backward_expert",
             ] {
@@ -185,12 +215,11 @@ impl Kernels {
             .iter()
             .map(|&(elem, _)| {
                 let mut take = || typed_fns.next().expect("three functions per element type");
-                let (combine_send, combine_reduce, combine_backward_expert) =
-                    (take(), take(), take());
+                let (combine, combine_reduce, combine_backward_expert) = (take(), take(), take());
                 (
                     elem,
                     Typed {
-                        combine_send,
+                        combine,
                         combine_reduce,
                         combine_backward_expert,
                     },
@@ -457,54 +486,48 @@ impl Kernels {
         launch(s, &self.expand_rows, grid, args, "ep_expand_rows")
     }
 
+    /// The combine-direction call in one kernel: send back, and reduce each chunk of tokens as
+    /// it completes (`send_warps` of each block's 32 warps send).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn combine_send(
+    pub(crate) fn combine(
         &self,
         s: &Stream,
         elem: Elem,
         grid: Grid,
         peers: &EpPeers,
         dm: EpDims,
-        y: u64,
-        weights: u64,
-        row_weights: u64,
-        unit_weights: bool,
-        recv_base: u64,
-        row_src: u64,
-        row_slots: u64,
-        exp_rows: u64,
-        side: u64,
-        side_mode: i32,
-        offsets: u64,
-        rows_given: i32,
+        send: &CombineSend,
+        reduce: &CombineReduce,
+        send_warps: i32,
         done: u64,
         err: u64,
     ) -> Result<(), String> {
         let args = vec![
             Arg::Peers(Box::new(*peers)),
             Arg::Dims(dm),
-            Arg::Ptr(y),
-            Arg::Ptr(weights),
-            Arg::Ptr(row_weights),
-            Arg::Int(unit_weights as i32),
-            Arg::Ptr(recv_base),
-            Arg::Ptr(row_src),
-            Arg::Ptr(row_slots),
-            Arg::Ptr(exp_rows),
-            Arg::Ptr(side),
-            Arg::Int(side_mode),
-            Arg::Ptr(offsets),
-            Arg::Int(rows_given),
+            Arg::Ptr(send.y),
+            Arg::Ptr(send.weights),
+            Arg::Ptr(send.row_weights),
+            Arg::Int(send.unit_weights as i32),
+            Arg::Ptr(send.recv_base),
+            Arg::Ptr(send.row_src),
+            Arg::Ptr(send.row_slots),
+            Arg::Ptr(send.exp_rows),
+            Arg::Ptr(send.side),
+            Arg::Int(send.side_mode),
+            Arg::Ptr(send.offsets),
+            Arg::Int(send.rows_given),
+            Arg::Ptr(reduce.back),
+            Arg::Ptr(reduce.back_side),
+            Arg::Ptr(reduce.pos),
+            Arg::Int(reduce.num_tokens),
+            Arg::Ptr(reduce.out),
+            Arg::Ptr(reduce.out_side),
+            Arg::Int(send_warps),
             Arg::Ptr(done),
             Arg::Ptr(err),
         ];
-        launch(
-            s,
-            &self.typed(elem).combine_send,
-            grid,
-            args,
-            "ep_combine_send",
-        )
+        launch(s, &self.typed(elem).combine, grid, args, "ep_combine")
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -514,23 +537,18 @@ impl Kernels {
         elem: Elem,
         grid: Grid,
         dm: EpDims,
-        back: u64,
-        back_side: u64,
-        pos: u64,
-        num_tokens: i32,
-        out: u64,
-        out_side: u64,
+        reduce: &CombineReduce,
         sig: i32,
         err: u64,
     ) -> Result<(), String> {
         let args = vec![
             Arg::Dims(dm),
-            Arg::Ptr(back),
-            Arg::Ptr(back_side),
-            Arg::Ptr(pos),
-            Arg::Int(num_tokens),
-            Arg::Ptr(out),
-            Arg::Ptr(out_side),
+            Arg::Ptr(reduce.back),
+            Arg::Ptr(reduce.back_side),
+            Arg::Ptr(reduce.pos),
+            Arg::Int(reduce.num_tokens),
+            Arg::Ptr(reduce.out),
+            Arg::Ptr(reduce.out_side),
             Arg::Int(sig),
             Arg::Ptr(err),
         ];

@@ -1,7 +1,7 @@
 //! The buffers each rank shares with its peers, at fixed addresses for the dispatcher's life.
 
 use crate::config::EpConfig;
-use crate::ffi::cuda_kernels::{meta_ints, MAX_WORLD, NUM_SIGNALS};
+use crate::ffi::cuda_kernels::{meta_ints, CHUNK_TOKENS, MAX_WORLD, NUM_SIGNALS};
 use crate::ffi::cuda_memory::{SharedBuffer, IPC_HANDLE_BYTES};
 use cudarc::driver::CudaContext;
 use std::sync::Arc;
@@ -12,7 +12,8 @@ use std::sync::Arc;
 pub(crate) const STAGE_SLOTS: usize = 2;
 
 pub(crate) struct SharedBuffers {
-    /// u64 [NUM_SIGNALS][MAX_WORLD]: the epoch each peer last raised each flag to.
+    /// u64 [NUM_SIGNALS][MAX_WORLD]: the epoch each peer last raised each flag to; then the
+    /// combine's arrival counters, u32 [world][ceil(max_tokens / CHUNK_TOKENS)].
     pub signals: SharedBuffer,
     /// i32 [2][world][inbox_row(world, E)]: every rank's counts and receive slot, double-buffered
     /// by call parity.
@@ -55,7 +56,11 @@ impl SharedBuffers {
         let staged = STAGE_SLOTS * rows;
         let stage_row_bytes = c.hidden * c.dtype.size().max(c.combine_dtype.size());
         Ok(SharedBuffers {
-            signals: SharedBuffer::zeroed(ctx, NUM_SIGNALS * MAX_WORLD * 8)?,
+            signals: SharedBuffer::zeroed(
+                ctx,
+                NUM_SIGNALS * MAX_WORLD * 8
+                    + world * c.max_tokens_per_rank.div_ceil(CHUNK_TOKENS) * 4,
+            )?,
             inbox: SharedBuffer::zeroed(ctx, 2 * world * inbox_row(world, c.num_experts) * 4)?,
             stage_x: SharedBuffer::zeroed(ctx, staged * stage_row_bytes)?,
             stage_scales: SharedBuffer::zeroed(ctx, staged * c.scale_columns * 4)?,

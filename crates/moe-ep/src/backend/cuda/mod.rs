@@ -17,7 +17,7 @@ use crate::dtype::DType;
 use crate::error::{EpError, Result};
 use crate::ffi::cuda_kernels::{
     self as k, ptr_or_null, Elem, EpDims, EpPeers, Grid, Kernels, SIDE_EXPANDED, SIDE_NONE,
-    SIDE_ROW_K, SIDE_ROW_K_OWNED, SIG_DATA, SIG_DATA2,
+    SIDE_ROW_K, SIDE_ROW_K_OWNED, SIG_DATA2,
 };
 use crate::ffi::cuda_memory::{self as mem, PeerMapping, StreamBuffer, IPC_HANDLE_BYTES};
 use crate::ffi::cuda_stream::Stream;
@@ -365,7 +365,8 @@ impl CudaBackend {
         let local_index = i32_buffer(s, (0..e).map(|x| placement.local_index(x)))?;
         let local_experts = i32_buffer(s, placement.experts_of(rank).to_vec())?;
         let capacity = i32_buffer(s, capacity_rows)?;
-        let done = StreamBuffer::filled(s, 4, 0).map_err(device_error)?;
+        // u32 [2]: blocks arrived (arrive_last), then ep_combine's next reduce item.
+        let done = StreamBuffer::filled(s, 8, 0).map_err(device_error)?;
         let err = StreamBuffer::filled(s, 16, 0).map_err(device_error)?;
         let epoch = StreamBuffer::filled(s, 8, 0).map_err(device_error)?;
         let sms = device
@@ -687,9 +688,10 @@ impl CudaBackend {
         Ok((x, scales))
     }
 
-    /// A whole call in the reverse direction: each staged row goes back to its source (expert-
-    /// major: as the partial over its slots), then the sources reduce over destinations in rank
-    /// order. `rows_given`: the fewest rows among the per-row tensors handed back.
+    /// A whole call in the reverse direction, one kernel: each staged row goes back to its source
+    /// (expert-major: as the partial over its slots), and the sources reduce over destinations in
+    /// rank order as each chunk of their tokens completes. `rows_given`: the fewest rows among the
+    /// per-row tensors handed back.
     #[allow(clippy::too_many_arguments)]
     fn reduce_back(
         &self,
@@ -701,31 +703,8 @@ impl CudaBackend {
         unit_weights: bool,
         side: Option<(u64, i32)>,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let e = elem(self.config.combine_dtype);
         let row_bytes = self.config.hidden * self.config.combine_dtype.size();
         let (side_ptr, side_mode) = side.unwrap_or((0, SIDE_NONE));
-        let r = self.kernels.combine_send(
-            self.stream(),
-            e,
-            self.grid(),
-            &self.peers,
-            self.dims(row_bytes, true),
-            y,
-            ptr_or_null(weights),
-            ptr_or_null(h.row_weights.as_ref().map(StreamBuffer::ptr)),
-            unit_weights,
-            h.recv_base.ptr(),
-            h.row_src.ptr(),
-            ptr_or_null(h.row_slots.as_ref().map(StreamBuffer::ptr)),
-            ptr_or_null(h.exp_rows.as_ref().map(StreamBuffer::ptr)),
-            side_ptr,
-            side_mode,
-            h.offsets_ptr(),
-            i32_of(rows_given),
-            self.done.ptr(),
-            self.err.ptr(),
-        );
-        self.check(r)?;
         let out = self.tensor(
             num_tokens,
             Some(self.config.hidden),
@@ -734,15 +713,58 @@ impl CudaBackend {
         let out_side = side
             .map(|_| self.tensor(num_tokens, Some(self.config.topk), DType::F32))
             .transpose()?;
-        self.reduce(
-            self.dims(row_bytes, false),
+        let send = k::CombineSend {
+            y,
+            weights: ptr_or_null(weights),
+            row_weights: ptr_or_null(h.row_weights.as_ref().map(StreamBuffer::ptr)),
+            unit_weights,
+            recv_base: h.recv_base.ptr(),
+            row_src: h.row_src.ptr(),
+            row_slots: ptr_or_null(h.row_slots.as_ref().map(StreamBuffer::ptr)),
+            exp_rows: ptr_or_null(h.exp_rows.as_ref().map(StreamBuffer::ptr)),
+            side: side_ptr,
+            side_mode,
+            offsets: h.offsets_ptr(),
+            rows_given: i32_of(rows_given),
+        };
+        let reduce = self.reduce_args(
             h,
             num_tokens,
             out.device_ptr(),
             out_side.as_ref().and_then(Tensor::device_ptr),
-            SIG_DATA,
-        )?;
+        );
+        let r = self.kernels.combine(
+            self.stream(),
+            elem(self.config.combine_dtype),
+            self.grid(),
+            &self.peers,
+            self.dims(row_bytes, true),
+            &send,
+            &reduce,
+            combine_send_warps(),
+            self.done.ptr(),
+            self.err.ptr(),
+        );
+        self.check(r)?;
         Ok((out, out_side))
+    }
+
+    /// What the reduce of a combine-direction call reads (the rows sent back here) and writes.
+    fn reduce_args(
+        &self,
+        h: &CudaHandle,
+        num_tokens: usize,
+        out: Option<u64>,
+        out_side: Option<u64>,
+    ) -> k::CombineReduce {
+        k::CombineReduce {
+            back: self.shared.back.ptr(),
+            back_side: self.shared.back_side.ptr(),
+            pos: h.pos.ptr(),
+            num_tokens: i32_of(num_tokens),
+            out: ptr_or_null(out),
+            out_side: ptr_or_null(out_side),
+        }
     }
 
     /// Once flag `sig` arrived from every rank, sums the rows sent back into `out` (and the side
@@ -761,17 +783,27 @@ impl CudaBackend {
             elem(self.config.combine_dtype),
             self.grid(),
             dm,
-            self.shared.back.ptr(),
-            self.shared.back_side.ptr(),
-            h.pos.ptr(),
-            i32_of(num_tokens),
-            ptr_or_null(out),
-            ptr_or_null(out_side),
+            &self.reduce_args(h, num_tokens, out, out_side),
             sig,
             self.err.ptr(),
         );
         self.check(r)
     }
+}
+
+/// Warps of each 32-warp block of `ep_combine` that send rows back first; the others reduce from
+/// the start, and the senders join them once their rows are out. The senders are bound by the
+/// links, the reducers by loads from this GPU's memory (docs/perf-notes.md, v3, has the measured
+/// split). MOE_EP_COMBINE_SEND_WARPS (1..31) overrides it, for measuring the split.
+fn combine_send_warps() -> i32 {
+    static WARPS: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    *WARPS.get_or_init(|| {
+        std::env::var("MOE_EP_COMBINE_SEND_WARPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|w| (1..32).contains(w))
+            .unwrap_or(16)
+    })
 }
 
 impl Drop for CudaBackend {

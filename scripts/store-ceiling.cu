@@ -1,0 +1,204 @@
+// The all-to-all store ceiling of this node, by store path: how many GB/s each GPU pushes into
+// its peers when every GPU sends to every other at once, with `blocks` blocks per GPU moving rows
+// of `row` bytes (the dispatch's access pattern: one row per (item, destination), destinations
+// interleaved). It answers which store path can beat the 24-block SM-store ceiling of GPU.md:
+//   warp: 16-byte loads and stores by every lane, 4 loads in flight per lane (moe-ep v2's path);
+//   tma:  one lane per warp moves the row through shared memory with bulk copies (cp.async.bulk):
+//         a bulk load into a stage, then a bulk store from it to the peer, `stages` per warp.
+// Build and run on a GPU machine (nvcc is there):
+//   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a scripts/store-ceiling.cu -o /tmp/sc && /tmp/sc
+// Prints one line per (path, blocks, warps): the median over 20 runs of the slowest GPU's time.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <vector>
+
+#define CHECK(x)                                                                              \
+    do {                                                                                      \
+        cudaError_t e_ = (x);                                                                 \
+        if (e_ != cudaSuccess) {                                                              \
+            std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+            std::exit(1);                                                                     \
+        }                                                                                     \
+    } while (0)
+
+constexpr int kMaxGpus = 8;
+struct Peers {
+    uint8_t* recv[kMaxGpus];
+};
+
+__device__ __forceinline__ int warp_global() { return (blockIdx.x * blockDim.x + threadIdx.x) >> 5; }
+__device__ __forceinline__ int warps_total() { return (gridDim.x * blockDim.x) >> 5; }
+
+// Item i goes to peer (rank + 1 + i % (n - 1)) % n, into that peer's region for this rank.
+__device__ __forceinline__ uint8_t* item_dst(const Peers& p, int n, int rank, int64_t i, int64_t rows_per_peer,
+                                             int64_t row) {
+    const int d = (rank + 1 + static_cast<int>(i % (n - 1))) % n;
+    const int64_t r = i / (n - 1);
+    return p.recv[d] + (static_cast<int64_t>(rank) * rows_per_peer + r) * row;
+}
+
+__global__ void __launch_bounds__(1024) warp_path(Peers p, int n, int rank, const uint8_t* src, int64_t items,
+                                                  int64_t rows_per_peer, int64_t row) {
+    const int lane = threadIdx.x & 31;
+    for (int64_t i = warp_global(); i < items; i += warps_total()) {
+        const int4* s = reinterpret_cast<const int4*>(src + (i / (n - 1)) * row);
+        int4* d = reinterpret_cast<int4*>(item_dst(p, n, rank, i, rows_per_peer, row));
+        const int64_t vecs = row / 16;
+        for (int64_t v = lane; v < vecs; v += 32 * 4) {
+            int4 t[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u)
+                if (v + 32 * u < vecs) t[u] = __ldg(s + v + 32 * u);
+#pragma unroll
+            for (int u = 0; u < 4; ++u)
+                if (v + 32 * u < vecs) d[v + 32 * u] = t[u];
+        }
+    }
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Per warp: `stages` buffers of `chunk` bytes and one mbarrier each. Chunks of the warp's rows go
+// load -> wait -> store; a stage is reused once the store issued `stages` chunks ago read it.
+__global__ void __launch_bounds__(1024) tma_path(Peers p, int n, int rank, const uint8_t* src, int64_t items,
+                                                 int64_t rows_per_peer, int64_t row, int chunk, int stages) {
+    extern __shared__ __align__(128) uint8_t smem[];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    uint8_t* buf = smem + static_cast<int64_t>(w) * stages * chunk;
+    uint64_t* bars = reinterpret_cast<uint64_t*>(smem + static_cast<int64_t>(warps) * stages * chunk) + w * stages;
+    if (lane == 0) {
+        for (int s = 0; s < stages; ++s) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bars + s)));
+        asm volatile("fence.mbarrier_init.release.cluster;");
+    }
+    __syncwarp();
+    if (lane != 0) return;
+    int64_t k = 0;  // chunks issued by this warp
+    for (int64_t i = warp_global(); i < items; i += warps_total()) {
+        const uint8_t* s = src + (i / (n - 1)) * row;
+        uint8_t* d = item_dst(p, n, rank, i, rows_per_peer, row);
+        for (int64_t off = 0; off < row; off += chunk, ++k) {
+            const int bytes = static_cast<int>(min(static_cast<int64_t>(chunk), row - off));
+            const int st = static_cast<int>(k % stages);
+            const uint32_t phase = static_cast<uint32_t>((k / stages) & 1);
+            uint8_t* b = buf + static_cast<int64_t>(st) * chunk;
+            // The store that last read this stage (issued `stages` chunks ago) must be done reading.
+            switch (stages) {
+                case 1: asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); break;
+                case 2: asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory"); break;
+                case 3: asm volatile("cp.async.bulk.wait_group.read 2;" ::: "memory"); break;
+                default: asm volatile("cp.async.bulk.wait_group.read 3;" ::: "memory"); break;
+            }
+            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bars + st)), "r"(bytes)
+                         : "memory");
+            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                             smem_addr(b)),
+                         "l"(s + off), "r"(bytes), "r"(smem_addr(bars + st))
+                         : "memory");
+            uint32_t done = 0;
+            while (!done) {
+                asm volatile(
+                    "{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], %2; selp.u32 %0, 1, 0, q; }"
+                    : "=r"(done)
+                    : "r"(smem_addr(bars + st)), "r"(phase)
+                    : "memory");
+            }
+            asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(d + off), "r"(smem_addr(b)),
+                         "r"(bytes)
+                         : "memory");
+            asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+        }
+    }
+    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+
+int main() {
+    int n = 0;
+    CHECK(cudaGetDeviceCount(&n));
+    n = std::min(n, kMaxGpus);
+    if (n < 2) {
+        std::printf("store-ceiling: needs 2 or more GPUs, found %d\n", n);
+        return 0;
+    }
+    const int64_t row = 7168 * 2;                      // H 7168 bf16
+    const int64_t tokens = 4096;                       // T per rank
+    const int64_t rows_per_peer = tokens;              // every token to every peer at most
+    const int64_t items = tokens * 9 / 10 * (n - 1);   // about the T = 4096 dispatch at world 4 (P = 0.9)
+    std::vector<uint8_t*> src(n);
+    Peers peers{};
+    std::vector<cudaStream_t> streams(n);
+    std::vector<cudaEvent_t> start(n), stop(n);
+    for (int g = 0; g < n; ++g) {
+        CHECK(cudaSetDevice(g));
+        for (int h = 0; h < n; ++h)
+            if (h != g) CHECK(cudaDeviceEnablePeerAccess(h, 0));
+        CHECK(cudaMalloc(&src[g], tokens * row));
+        CHECK(cudaMemset(src[g], g + 1, tokens * row));
+        CHECK(cudaMalloc(&peers.recv[g], static_cast<int64_t>(n) * rows_per_peer * row));
+        CHECK(cudaStreamCreateWithFlags(&streams[g], cudaStreamNonBlocking));
+        CHECK(cudaEventCreate(&start[g]));
+        CHECK(cudaEventCreate(&stop[g]));
+        CHECK(cudaFuncSetAttribute(tma_path, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
+    }
+    const double bytes = static_cast<double>(items) * row;
+    std::printf("store-ceiling: %d GPUs, %.1f MB egress per GPU, rows of %lld bytes\n", n, bytes / 1e6,
+                static_cast<long long>(row));
+    std::printf("| path | blocks | warps/block | chunk | stages | us (median, slowest GPU) | GB/s per GPU |\n");
+    std::printf("|---|---|---|---|---|---|---|\n");
+    struct Case {
+        bool tma;
+        int blocks, warps, chunk, stages;
+    };
+    std::vector<Case> cases;
+    for (int blocks : {24, 48, 96}) {
+        cases.push_back({false, blocks, 32, 0, 0});
+        cases.push_back({true, blocks, 8, 7168, 3});
+        cases.push_back({true, blocks, 16, 7168, 2});
+        cases.push_back({true, blocks, 16, 3584, 3});
+        cases.push_back({true, blocks, 32, 3584, 2});
+    }
+    for (const Case& c : cases) {
+        const size_t smem = c.tma ? static_cast<size_t>(c.warps) * c.stages * (c.chunk + 8) : 0;
+        std::vector<float> times;
+        for (int it = 0; it < 23; ++it) {
+            for (int g = 0; g < n; ++g) {
+                CHECK(cudaSetDevice(g));
+                CHECK(cudaDeviceSynchronize());
+            }
+            for (int g = 0; g < n; ++g) {
+                CHECK(cudaSetDevice(g));
+                CHECK(cudaEventRecord(start[g], streams[g]));
+                if (c.tma)
+                    tma_path<<<c.blocks, c.warps * 32, smem, streams[g]>>>(peers, n, g, src[g], items, rows_per_peer,
+                                                                          row, c.chunk, c.stages);
+                else
+                    warp_path<<<c.blocks, c.warps * 32, 0, streams[g]>>>(peers, n, g, src[g], items, rows_per_peer, row);
+                CHECK(cudaGetLastError());
+                CHECK(cudaEventRecord(stop[g], streams[g]));
+            }
+            float slowest = 0;
+            for (int g = 0; g < n; ++g) {
+                CHECK(cudaSetDevice(g));
+                CHECK(cudaEventSynchronize(stop[g]));
+                float ms = 0;
+                CHECK(cudaEventElapsedTime(&ms, start[g], stop[g]));
+                slowest = std::max(slowest, ms);
+            }
+            if (it >= 3) times.push_back(slowest);
+        }
+        std::sort(times.begin(), times.end());
+        const double us = times[times.size() / 2] * 1e3;
+        std::printf("| %s | %d | %d | %d | %d | %.1f | %.1f |\n", c.tma ? "tma" : "warp", c.blocks, c.warps, c.chunk,
+                    c.stages, us, bytes / us / 1e3);
+    }
+    // A spot check that both paths delivered: GPU 1's region from GPU 0 holds GPU 0's bytes.
+    uint8_t probe = 0;
+    CHECK(cudaSetDevice(1));
+    CHECK(cudaMemcpy(&probe, peers.recv[1], 1, cudaMemcpyDeviceToHost));
+    std::printf("check: GPU 1 got byte %d from GPU 0 (expected 1)\n", probe);
+    return probe == 1 ? 0 : 1;
+}
