@@ -12,7 +12,8 @@
 # wait for each other inside kernels would only time out under them); a short bench. Logs go to $OUT (or .bin/logs).
 # GPU_SUITE_ONLY=WORD runs only the steps whose name contains WORD; GPU_SUITE_SKIP=REGEX skips the
 # steps whose name matches it (e.g. 'racecheck|ranks on gpus').
-# Each step is stopped after GPU_SUITE_STEP_TIMEOUT seconds (default 300), so a hang costs one step.
+# Each step is stopped after GPU_SUITE_STEP_TIMEOUT seconds (default 450: the conformance suite
+# with one rank per GPU takes about 270 s on 8 GPUs), so a hang costs one step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,7 +46,7 @@ step() {
     if [ -n "${GPU_SUITE_SKIP:-}" ] && [[ "$name" =~ $GPU_SUITE_SKIP ]]; then return 0; fi
     local log="$LOGS/$(echo "$name" | tr -c 'A-Za-z0-9_.\n-' '_').log"
     local start=$SECONDS
-    timeout "${GPU_SUITE_STEP_TIMEOUT:-300}" "$@" >"$log" 2>&1
+    timeout "${GPU_SUITE_STEP_TIMEOUT:-450}" "$@" >"$log" 2>&1
     local rc=$?
     local summary
     summary="$(grep -E '^test result:' "$log" | tail -n 1 | sed -E 's/^test result: //; s/; 0 measured.*//')"
