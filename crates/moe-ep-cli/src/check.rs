@@ -142,6 +142,25 @@ fn check_baseline_rows(
     )
 }
 
+/// What identity experts hand back for a rank's tokens: each token's x row in the combine dtype.
+struct IdentityRows {
+    bytes: Vec<u8>,
+    row_bytes: usize,
+}
+
+impl IdentityRows {
+    fn of(config: &EpConfig, mine: &RankData, to_combine_dtype: &dyn Fn(&[u8]) -> Vec<u8>) -> Self {
+        IdentityRows {
+            bytes: to_combine_dtype(&mine.x),
+            row_bytes: config.hidden() * config.combine_dtype().size(),
+        }
+    }
+
+    fn row(&self, t: usize) -> &[u8] {
+        &self.bytes[t * self.row_bytes..(t + 1) * self.row_bytes]
+    }
+}
+
 /// Checks rank `rank`'s last outputs of the NCCL all-to-all path against what it must produce
 /// (`moe_ep::baseline::reference`): the received rows bit for bit, and, with identity experts
 /// (y = the received rows in the combine dtype, `to_combine_dtype`), the weighted un-permute
@@ -159,9 +178,8 @@ pub fn verify_alltoall(
         reference::alltoall_received(idx, k, placement, rank)
     })?;
     let mine = &inputs[rank];
-    let xc = to_combine_dtype(&mine.x);
+    let y = IdentityRows::of(config, mine, to_combine_dtype);
     let cd = config.combine_dtype();
-    let y_row = config.hidden() * cd.size();
     let want = reference::weighted_combine(
         &mine.topk_idx,
         &mine.weights,
@@ -169,7 +187,7 @@ pub fn verify_alltoall(
         config.hidden(),
         cd,
         placement,
-        |t, _| &xc[t * y_row..(t + 1) * y_row],
+        |t, _| y.row(t),
     );
     let got = out.combine.host_bytes();
     if got.len() != want.len() {
@@ -206,18 +224,16 @@ pub fn verify_allgather(
         reference::allgather_selected(idx, k, placement, rank)
     })?;
     let mine = &inputs[rank];
-    let xc = to_combine_dtype(&mine.x);
-    let cd = config.combine_dtype();
-    let y_row = config.hidden() * cd.size();
+    let y = IdentityRows::of(config, mine, to_combine_dtype);
     reference::check_allgather_combine(
         &format!("combine rank {rank}"),
         &mine.topk_idx,
         &mine.weights,
         k,
         config.hidden(),
-        cd,
+        config.combine_dtype(),
         placement,
-        |t, _| &xc[t * y_row..(t + 1) * y_row],
+        |t, _| y.row(t),
         out.combine.host_bytes(),
     )
 }
