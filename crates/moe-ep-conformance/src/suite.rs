@@ -632,6 +632,35 @@ fn check_tensor(
     )
 }
 
+/// A capacity-sized output: `dtype`, `cols` wide, at least `rows` rows, whose first `rows` rows
+/// (but the `padding` ones) equal `expected`; the rows past them are unspecified.
+fn check_leading_rows(
+    what: &str,
+    t: &Tensor,
+    dtype: DType,
+    cols: usize,
+    rows: usize,
+    padding: &[bool],
+    expected: &[u8],
+) -> Result<(), String> {
+    if t.dtype() != dtype || t.dims().get(1) != Some(&cols) || t.rows() < rows {
+        return Err(format!(
+            "{what}: expected [>= {rows}, {cols}] {dtype}, got {:?} {}",
+            t.dims(),
+            t.dtype()
+        ));
+    }
+    oracle::compare_rows(
+        what,
+        dtype,
+        cols,
+        rows,
+        Some(padding),
+        expected,
+        t.host_bytes(),
+    )
+}
+
 fn opt_f32(
     what: &str,
     expected: &Option<Vec<f32>>,
@@ -903,25 +932,7 @@ impl<'a> Steps<'a> {
         let cached = host(cached.to_host(), "dispatch_cached output")?;
         let ecd = &layer.cached[rank];
         let r = (|| {
-            if cached.x.dtype() != dt
-                || cached.x.dims().get(1) != Some(&h)
-                || cached.x.rows() < rows
-            {
-                return Err(format!(
-                    "x: expected [>= {rows}, {h}] {dt}, got {:?} {}",
-                    cached.x.dims(),
-                    cached.x.dtype()
-                ));
-            }
-            oracle::compare_rows(
-                "x",
-                dt,
-                h,
-                rows,
-                Some(padding),
-                &ecd.x,
-                cached.x.host_bytes(),
-            )?;
+            check_leading_rows("x", &cached.x, dt, h, rows, padding, &ecd.x)?;
             match (&ecd.scales, &cached.scales) {
                 (None, None) => Ok(()),
                 (Some(e), Some(a)) => oracle::compare_rows(
@@ -1071,25 +1082,7 @@ impl<'a> Steps<'a> {
             &layer.combine_backward.1[rank],
         );
         let r = (|| {
-            if cb.grad_y.dtype() != cd
-                || cb.grad_y.dims().get(1) != Some(&h)
-                || cb.grad_y.rows() < rows
-            {
-                return Err(format!(
-                    "grad_y: expected [>= {rows}, {h}] {cd}, got {:?} {}",
-                    cb.grad_y.dims(),
-                    cb.grad_y.dtype()
-                ));
-            }
-            oracle::compare_rows(
-                "grad_y",
-                cd,
-                h,
-                rows,
-                Some(padding),
-                egy,
-                cb.grad_y.host_bytes(),
-            )?;
+            check_leading_rows("grad_y", &cb.grad_y, cd, h, rows, padding, egy)?;
             opt_f32("grad_weights", egw, &cb.grad_weights, &[t, k])
         })();
         self.note(format!("layer {l}, combine_backward"), r);
