@@ -831,7 +831,7 @@ __device__ void reduce_tokens(const EpDims& dm, const T* back, const float* back
             if (!wait_chunk(dm, pos, num_tokens, t / EP_CHUNK_TOKENS, err)) return;
             ready_chunk = t / EP_CHUNK_TOKENS;
         }
-        const int begin = part * per_part, end = min(units, begin + per_part);
+    const int begin = part * per_part, end = min(units, begin + per_part);
         const int* p = pos + static_cast<int64_t>(t) * dm.world;
         const auto back_row = [&](int d) { return back + (static_cast<int64_t>(d) * dm.max_tokens + p[d]) * H; };
         if (out && vec) {
