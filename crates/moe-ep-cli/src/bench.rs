@@ -8,8 +8,8 @@ use crate::cli::{
     BackendChoice, BaselineSet, BenchArgs, LaunchChoice, LayoutChoice, RoutingChoice,
 };
 use crate::report::{
-    self, BaselineResult, BaselinesReport, CeilingResult, ConfigReport, OpResult, Report, Stats,
-    TokensResult,
+    self, BaselineResult, BaselinesReport, CeilingResult, ConfigReport, HostQueuing, OpResult,
+    Report, Stats, TokensResult,
 };
 use crate::workload::{self, RankData, Shape};
 use half::bf16;
@@ -27,7 +27,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Default row alignment of the expert-major layout (a grouped GEMM's tile height).
 pub const DEFAULT_ALIGN: usize = 128;
@@ -181,11 +181,21 @@ struct PathSamples {
     end_to_end_us: Vec<f64>,
 }
 
+/// How long each of our calls took to return on the host (its queuing), microseconds, one per
+/// timed iteration. When it exceeds the device's work, the caller's time is the host's.
+#[derive(Serialize, Deserialize, Default)]
+struct HostSamples {
+    dispatch_us: Vec<f64>,
+    cached_us: Vec<f64>,
+    combine_us: Vec<f64>,
+}
+
 /// What each rank tells rank 0 about one T.
 #[derive(Serialize, Deserialize)]
 struct RankSummary {
     ours: PathSamples,
     cached_us: Vec<f64>,
+    host: HostSamples,
     nccl: Option<PathSamples>,
     allgather: Option<PathSamples>,
     /// The copy-engine rounds of dispatch's bytes, then of combine's.
@@ -392,6 +402,7 @@ fn rank_main(
         let mine = RankSummary {
             ours: run.ours,
             cached_us: run.cached_us,
+            host: run.host,
             nccl: run.nccl,
             allgather: run.allgather,
             ceiling: run.ceiling,
@@ -474,6 +485,11 @@ fn tokens_result(
     let cached = ours(|r| &r.cached_us);
     let combine = ours(|r| &r.ours.combine_us);
     let end_to_end = ours(|r| &r.ours.end_to_end_us);
+    let host_queuing = HostQueuing {
+        dispatch: ours(|r| &r.host.dispatch_us),
+        cached_dispatch: ours(|r| &r.host.cached_us),
+        combine: ours(|r| &r.host.combine_us),
+    };
 
     // What the baselines really send to other GPUs, per rank on average (the JSON's wire_*).
     let (k, h) = (plan.shape.topk, plan.shape.hidden);
@@ -563,6 +579,7 @@ fn tokens_result(
         cached_dispatch: cached,
         combine,
         end_to_end,
+        host_queuing,
         remote_rows_per_rank: remote,
         received_rows_per_rank: received,
         dispatch_bytes_per_rank: dispatch_bytes,
@@ -749,6 +766,7 @@ impl Plan {
 struct RankRun {
     ours: PathSamples,
     cached_us: Vec<f64>,
+    host: HostSamples,
     nccl: Option<PathSamples>,
     allgather: Option<PathSamples>,
     ceiling: Option<(Vec<f64>, Vec<f64>)>,
@@ -805,6 +823,7 @@ fn rank_iterations(
     let run_nccl = plan.baselines.nccl && nccl.is_some();
     let mut ours = PathSamples::default();
     let mut cached_us = Vec::with_capacity(plan.iters);
+    let mut host = HostSamples::default();
     let mut nccl_samples = run_nccl.then(PathSamples::default);
     let mut ag_samples = ag_shape.map(|_| PathSamples::default());
     let mut ceiling_samples = ceilings.as_ref().map(|_| (Vec::new(), Vec::new()));
@@ -819,7 +838,9 @@ fn rank_iterations(
 
         barrier(ep)?;
         let timer = ep.timer_together()?;
+        let queued = Instant::now();
         let (out, handle) = ep.dispatch(x.view(), idx.view(), Some(weights.view()), scales)?;
+        let dispatch_host = queued.elapsed();
         let dispatch_time = timer.stop(&*ep)?;
         // The timer waited for the work; this reports what the device found.
         ep.synchronize()?;
@@ -833,7 +854,9 @@ fn rank_iterations(
         let y = widened.as_ref().map_or_else(|| out.x.view(), |w| w.view());
         barrier(ep)?;
         let timer = ep.timer_together()?;
+        let queued = Instant::now();
         let combined = ep.combine(&handle, y, None)?;
+        let combine_host = queued.elapsed();
         let combine_time = timer.stop(&*ep)?;
         ep.synchronize()?;
         let combined_host = (it == last_it).then(|| combined.to_host()).transpose()?;
@@ -841,7 +864,9 @@ fn rank_iterations(
 
         barrier(ep)?;
         let timer = ep.timer_together()?;
+        let queued = Instant::now();
         let cached = ep.dispatch_cached(&handle, x.view(), scales)?;
+        let cached_queued = queued.elapsed();
         let cached_time = timer.stop(&*ep)?;
         ep.synchronize()?;
         let cached_host = (it == last_it).then(|| cached.x.to_host()).transpose()?;
@@ -860,6 +885,9 @@ fn rank_iterations(
         record(&mut ours, timed, [dispatch_time, combine_time, e2e_time]);
         if timed {
             cached_us.push(micros(cached_time));
+            host.dispatch_us.push(micros(dispatch_host));
+            host.cached_us.push(micros(cached_queued));
+            host.combine_us.push(micros(combine_host));
         }
         if let (Some(dispatch), Some(combine), Some(cached)) =
             (out_host, combined_host, cached_host)
@@ -926,6 +954,7 @@ fn rank_iterations(
     Ok(RankRun {
         ours,
         cached_us,
+        host,
         nccl: nccl_samples,
         allgather: ag_samples,
         ceiling: ceiling_samples,

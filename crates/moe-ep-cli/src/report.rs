@@ -143,6 +143,16 @@ pub struct CeilingResult {
     pub combine_percent: f64,
 }
 
+/// How long each of our calls took to return on the host: the queuing of its work (device
+/// allocations, launches). A call whose device work is shorter than this is bound by the host.
+/// Each sample is the slowest rank's.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostQueuing {
+    pub dispatch: Stats,
+    pub cached_dispatch: Stats,
+    pub combine: Stats,
+}
+
 /// The figures for one T (tokens per rank).
 #[derive(Debug, Clone, Serialize)]
 pub struct TokensResult {
@@ -152,6 +162,8 @@ pub struct TokensResult {
     pub combine: Stats,
     /// Dispatch then combine back to back, one timer around both.
     pub end_to_end: Stats,
+    /// How long our calls took to return on the host.
+    pub host_queuing: HostQueuing,
     /// Rows that left a rank for another rank in one dispatch, averaged over ranks (combine sends
     /// the same rows back).
     pub remote_rows_per_rank: f64,
@@ -364,6 +376,32 @@ pub fn latency_table(r: &Report) -> Table {
     table
 }
 
+/// How long our calls took to return on the host, beside their times on the device.
+pub fn host_table(r: &Report) -> Table {
+    let mut table = new_table(vec![
+        "T",
+        "dispatch host",
+        "cached host",
+        "combine host",
+        "dispatch",
+        "cached",
+        "combine",
+    ]);
+    for t in &r.results {
+        let h = &t.host_queuing;
+        table.add_row(vec![
+            t.tokens.to_string(),
+            us(Some(h.dispatch.median_us)),
+            us(Some(h.cached_dispatch.median_us)),
+            us(Some(h.combine.median_us)),
+            us(Some(t.dispatch.median_us)),
+            us(Some(t.cached_dispatch.median_us)),
+            us(Some(t.combine.median_us)),
+        ]);
+    }
+    table
+}
+
 /// Bandwidth (remote and logical GB/s) and the share of the copy-engine ceiling.
 pub fn bandwidth_table(r: &Report) -> Table {
     let mut table = new_table(vec![
@@ -473,6 +511,9 @@ pub fn print(r: &Report) {
     println!();
     println!("Against the baselines (their median over ours: above 1x we are faster)");
     println!("{}", ratio_table(r));
+    println!();
+    println!("Host queuing (median us until each call returned, beside its time on the device)");
+    println!("{}", host_table(r));
     println!();
     println!("Summary");
     println!("{}", summary_table(r));

@@ -229,6 +229,17 @@ __device__ __forceinline__ int4 load16(const int4* p) {
     }
 }
 
+// 16 bytes from global memory into shared memory without passing through registers (L2 only),
+// so many can be in flight; visible to the issuing thread after cp_async_wait_all.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
+}
+
 __device__ __forceinline__ bool aligned16(const void* p) {
     return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
 }
@@ -684,9 +695,70 @@ __device__ __forceinline__ void accumulate_sources(float (&acc)[Vec16<T>::kLen],
     }
 }
 
+// A warp's scratch in shared memory: per-row lookups read once from global memory, so the inner
+// loops (whose stores the compiler cannot prove apart from those lookups) read them from here.
+struct WarpTable {
+    int row[32];
+    float weight[32];
+};
+
+// The expert-major partial of one staged row into `dst`: for each 16-byte vector of the row, the
+// sum in ascending slot order of w(row) * y[row] over the rows in `slots` (bit k: slot k, row
+// er[k]; 1 <= popcount <= ring_vecs), fmaf from +0.0, rounded once. Each lane gathers its vectors'
+// inputs into its column of the warp's shared-memory ring (`ring`: ring_vecs x 32 vectors) with
+// cp.async, so ring_vecs / n loads per slot and lane are in flight without holding registers; it
+// then adds them in order. The slots' rows and weights go to `table` first.
+template <typename T, typename WeightOf>
+__device__ __forceinline__ void gather_partial(T* dst, const T* y, const int* er, unsigned slots, int H, bool unit,
+                                               WeightOf weight_of, int4* ring, int ring_vecs, WarpTable* table,
+                                               int lane) {
+    using V = Vec16<T>;
+    const int units = H / V::kLen;
+    const int n = __popc(slots);
+    const int kv = ring_vecs / n;  // vectors per lane at once
+    __syncwarp();  // the previous row's reads of the table are done
+    if ((slots >> lane) & 1u) {
+        const int q = __popc(slots & ((1u << lane) - 1u));
+        table->row[q] = er[lane];
+        table->weight[q] = unit ? 1.f : weight_of(lane);
+    }
+    __syncwarp();
+    for (int base = 0; base < units; base += 32 * kv) {
+        for (int q = 0; q < n; ++q) {
+            const int4* src = reinterpret_cast<const int4*>(y + static_cast<int64_t>(table->row[q]) * H);
+            for (int u = 0; u < kv; ++u) {
+                const int v = base + lane + 32 * u;
+                if (v < units) cp_async16(ring + (u * n + q) * 32 + lane, src + v);
+            }
+        }
+        cp_async_wait_all();
+        for (int u = 0; u < kv; ++u) {
+            const int v = base + lane + 32 * u;
+            if (v >= units) break;
+            float acc[V::kLen];
+#pragma unroll
+            for (int i = 0; i < V::kLen; ++i) acc[i] = 0.f;
+            for (int q = 0; q < n; ++q) {
+                V in;
+                *reinterpret_cast<int4*>(in.e) = ring[(u * n + q) * 32 + lane];
+                const float w = table->weight[q];
+#pragma unroll
+                for (int i = 0; i < V::kLen; ++i)
+                    acc[i] = unit ? acc[i] + widen(in.e[i]) : fmaf(w, widen(in.e[i]), acc[i]);
+            }
+            V out;
+#pragma unroll
+            for (int i = 0; i < V::kLen; ++i) out.e[i] = narrow<T>(acc[i]);
+            out.store(reinterpret_cast<int4*>(dst) + v);
+        }
+        // Each lane reads only its own column, which its next cp.async overwrites: no barrier.
+    }
+}
+
 // Each expert rank sends, for every staged row j (source s, token t), one row back to s: token-
 // major y[j] itself; expert-major the partial sum over j's expansions in ascending slot order of
-// w(row) * y[row] (fmaf from +0.0), rounded once. `weights`: per-row weights overriding the
+// w(row) * y[row] (fmaf from +0.0), rounded once (gather_partial, through this warp's `ring` of
+// ring_vecs x 32 vectors). `weights`: per-row weights overriding the
 // recorded `row_weights` (expert-major), or null; `unit_weights` makes every weight 1 (plain adds).
 // Warps `warp`, `warp + warps`, ... of the grid take one staged row each (sources interleaved),
 // 16 bytes a lane. After each row (and its side values) the warp adds 1 to s's arrival counter of
@@ -695,8 +767,8 @@ template <typename T>
 __device__ void send_back_rows(const EpPeers& peers, const EpDims& dm, const T* y, const float* weights,
                                const float* row_weights, int unit_weights, const int* recv_base, const int* row_src,
                                const int* row_slots, const int* exp_rows, const float* side, int side_mode,
-                               bool expert_major, int warp, int warps) {
-    using V = Vec16<T>;
+                               bool expert_major, int4* ring, int ring_vecs, WarpTable* table, int warp,
+                               int warps) {
     const int K = dm.topk, H = dm.hidden, lane = threadIdx.x & 31;
     const bool vec = vector_rows<T>(dm, y);
     const int items = interleaved_items(dm, recv_base);
@@ -710,23 +782,11 @@ __device__ void send_back_rows(const EpPeers& peers, const EpDims& dm, const T* 
         if (!expert_major) {
             warp_copy<true>(reinterpret_cast<uint8_t*>(dst), reinterpret_cast<const uint8_t*>(y + static_cast<int64_t>(j) * H),
                             static_cast<int64_t>(H) * sizeof(T), lane);
-        } else if (vec && K <= 32) {
-            const unsigned slots = __ballot_sync(0xffffffffu, lane < K && er[lane] >= 0);
-            for (int v = lane; v < H / V::kLen; v += 32) {
-                float acc[V::kLen];
-#pragma unroll
-                for (int i = 0; i < V::kLen; ++i) acc[i] = 0.f;
-                // One load at a time: a second in flight would spill registers in ep_combine,
-                // whose warps also reduce; the links, not these loads, set the pace here.
-                accumulate_sources<T, 1>(
-                    acc, slots, true, unit_weights,
-                    [&](int k) { return reinterpret_cast<const int4*>(y + static_cast<int64_t>(er[k]) * H) + v; },
-                    [&](int k) { return weights ? weights[er[k]] : row_weights[er[k]]; });
-                V out;
-#pragma unroll
-                for (int i = 0; i < V::kLen; ++i) out.e[i] = narrow<T>(acc[i]);
-                out.store(reinterpret_cast<int4*>(dst) + v);
-            }
+        } else if (const unsigned slots = __ballot_sync(0xffffffffu, lane < K && er[lane] >= 0);
+                   vec && K <= 32 && slots != 0 && __popc(slots) <= ring_vecs) {
+            gather_partial<T>(dst, y, er, slots, H, unit_weights,
+                              [&](int k) { return weights ? weights[er[k]] : row_weights[er[k]]; }, ring, ring_vecs,
+                              table, lane);
         } else {
             for (int h = lane; h < H; h += 32) {
                 float acc = 0.f;
@@ -806,8 +866,8 @@ __device__ bool wait_chunk(const EpDims& dm, const int* pos, int num_tokens, int
 // every row has already arrived.
 template <typename T>
 __device__ void reduce_tokens(const EpDims& dm, const T* back, const float* back_side, const int* pos, int num_tokens,
-                              T* out, float* out_side, bool per_chunk, unsigned* next_item, int warp, int warps,
-                              int* err) {
+                              T* out, float* out_side, bool per_chunk, unsigned* next_item, WarpTable* table,
+                              int warp, int warps, int* err) {
     using V = Vec16<T>;
     const int K = dm.topk, H = dm.hidden, lane = threadIdx.x & 31;
     const bool vec = vector_rows<T>(dm, out);
@@ -831,8 +891,12 @@ __device__ void reduce_tokens(const EpDims& dm, const T* back, const float* back
             if (!wait_chunk(dm, pos, num_tokens, t / EP_CHUNK_TOKENS, err)) return;
             ready_chunk = t / EP_CHUNK_TOKENS;
         }
-    const int begin = part * per_part, end = min(units, begin + per_part);
-        const int* p = pos + static_cast<int64_t>(t) * dm.world;
+        const int begin = part * per_part, end = min(units, begin + per_part);
+        // The token's row on each destination, into the warp's table (read in the inner loops).
+        __syncwarp();
+        if (lane < dm.world) table->row[lane] = pos[static_cast<int64_t>(t) * dm.world + lane];
+        __syncwarp();
+        const int* p = table->row;
         const auto back_row = [&](int d) { return back + (static_cast<int64_t>(d) * dm.max_tokens + p[d]) * H; };
         if (out && vec) {
             const unsigned sources = __ballot_sync(0xffffffffu, lane < dm.world && p[lane] >= 0);
@@ -877,25 +941,30 @@ __device__ void reduce_tokens(const EpDims& dm, const T* back, const float* back
 // this rank sends nothing, so the sources time out naming it rather than reduce rows it never
 // sent. The last block zeroes the item counter and this rank's arrival counters for the next call:
 // every counter is full by then (each chunk was waited for), so no increment of this call is
-// still on its way. After a failure the group is poisoned and they stay as they are.
+// still on its way. After a failure the group is poisoned and they stay as they are. Expert-major,
+// each sending warp gathers its partials through a ring of ring_vecs x 32 vectors in the dynamic
+// shared memory (send_warps x ring_vecs x 512 bytes per block; ring_vecs 0 without one).
 template <typename T>
 __device__ void combine(const EpPeers& peers, const EpDims& dm, const T* y, const float* weights,
                         const float* row_weights, int unit_weights, const int* recv_base, const int* row_src,
                         const int* row_slots, const int* exp_rows, const float* side, int side_mode,
                         const int* offsets, int rows_given, const T* back, const float* back_side, const int* pos,
-                        int num_tokens, T* out, float* out_side, int send_warps, unsigned* done, int* err) {
+                        int num_tokens, T* out, float* out_side, int send_warps, int ring_vecs, unsigned* done,
+                        int* err) {
     const bool covered = rows_cover(dm, recv_base, offsets, rows_given, err);
     const bool entered = enter_call(peers, dm, -1, err);
     const int per_block = static_cast<int>(blockDim.x >> 5), w = static_cast<int>(threadIdx.x >> 5);
     send_warps = min(max(send_warps, 1), per_block - 1);
     unsigned* next_item = done + 1;
     if (entered) {
+        __shared__ WarpTable tables[32];
         if (w < send_warps && covered) {
+            extern __shared__ int4 rings[];  // send_warps x ring_vecs x 32 vectors (expert-major)
             send_back_rows<T>(peers, dm, y, weights, row_weights, unit_weights, recv_base, row_src, row_slots,
-                              exp_rows, side, side_mode, offsets != nullptr, blockIdx.x * send_warps + w,
-                              gridDim.x * send_warps);
+                              exp_rows, side, side_mode, offsets != nullptr, rings + w * ring_vecs * 32, ring_vecs,
+                              &tables[w], blockIdx.x * send_warps + w, gridDim.x * send_warps);
         }
-        reduce_tokens<T>(dm, back, back_side, pos, num_tokens, out, out_side, true, next_item, 0,
+        reduce_tokens<T>(dm, back, back_side, pos, num_tokens, out, out_side, true, next_item, &tables[w], 0,
                          gridDim.x * per_block, err);
     }
     if (!arrive_last(done)) return;
@@ -916,8 +985,9 @@ template <typename T>
 __device__ void combine_reduce(const EpDims& dm, const T* back, const float* back_side, const int* pos,
                                int num_tokens, T* out, float* out_side, int sig, int* err) {
     if (!wait_all(dm, sig, err)) return;
-    reduce_tokens<T>(dm, back, back_side, pos, num_tokens, out, out_side, false, nullptr, warp_id(), warp_count(),
-                     err);
+    __shared__ WarpTable tables[32];
+    reduce_tokens<T>(dm, back, back_side, pos, num_tokens, out, out_side, false, nullptr, &tables[threadIdx.x >> 5],
+                     warp_id(), warp_count(), err);
 }
 
 // Expert-major combine_backward on the expert rank, once the staged gradient rows arrived:
@@ -971,10 +1041,10 @@ __device__ void combine_backward_expert(const EpPeers& peers, const EpDims& dm, 
         int unit_weights, const int* recv_base, const int* row_src, const int* row_slots,                   \
         const int* exp_rows, const float* side, int side_mode, const int* offsets, int rows_given,          \
         const T* back, const float* back_side, const int* pos, int num_tokens, T* out, float* out_side,     \
-        int send_warps, unsigned* done, int* err) {                                                         \
+        int send_warps, int ring_vecs, unsigned* done, int* err) {                                          \
         combine<T>(peers, dm, y, weights, row_weights, unit_weights, recv_base, row_src, row_slots,         \
                    exp_rows, side, side_mode, offsets, rows_given, back, back_side, pos, num_tokens, out,   \
-                   out_side, send_warps, done, err);                                                        \
+                   out_side, send_warps, ring_vecs, done, err);                                             \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(1024) ep_combine_reduce_##SUFFIX(                          \
         EpDims dm, const T* back, const float* back_side, const int* pos, int num_tokens, T* out,           \

@@ -5,7 +5,7 @@
 
 use super::cuda_memory::describe;
 use super::cuda_stream::Stream;
-use cudarc::driver::{result, CudaContext, CudaFunction, CudaModule};
+use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule};
 use std::ffi::c_void;
 use std::sync::Arc;
 
@@ -145,7 +145,18 @@ pub(crate) struct Kernels {
     layout_expert_major: CudaFunction,
     expand_rows: CudaFunction,
     typed: Vec<(Elem, Typed)>,
+    /// Dynamic shared memory `ep_combine_*` may take for its expert-major gather rings.
+    ring_bytes: u32,
 }
+
+/// The most dynamic shared memory the gather rings of `ep_combine_*` take per block: 16 vectors
+/// per lane for 16 sending warps (docs/perf-notes.md, v4).
+const RING_BYTES: u32 = 128 * 1024;
+/// Vectors per lane in a gather ring, at most; enough loads in flight per lane (with 16 sending
+/// warps, 128 KiB per SM) to keep the links busy while each row gathers about 2 rows here.
+const RING_VECS_MAX: u32 = 16;
+/// Bytes of a ring per vector slot: 32 lanes of 16 bytes.
+const RING_BYTES_PER_VEC: u32 = 32 * 16;
 
 const PLAIN: [&str; 6] = [
     "ep_route_notify",
@@ -167,6 +178,19 @@ fn launch(
     stream: &Stream,
     f: &CudaFunction,
     grid: Grid,
+    args: Vec<Arg>,
+    name: &str,
+) -> Result<(), String> {
+    launch_with_shared(stream, f, grid, 0, args, name)
+}
+
+/// [`launch`] with `shared_bytes` of dynamic shared memory per block (within what the function
+/// was allowed at load).
+fn launch_with_shared(
+    stream: &Stream,
+    f: &CudaFunction,
+    grid: Grid,
+    shared_bytes: u32,
     mut args: Vec<Arg>,
     name: &str,
 ) -> Result<(), String> {
@@ -184,7 +208,7 @@ fn launch(
             f.cu_function(),
             (grid.blocks, 1, 1),
             (grid.threads, 1, 1),
-            0,
+            shared_bytes,
             stream.raw(),
             &mut params,
         )
@@ -206,6 +230,11 @@ impl Kernels {
         }
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let (module, mut f) = super::cuda_memory::load_kernels(ctx, fatbin, &refs)?;
+        // What the device lets a block opt into, less room for the kernels' static variables.
+        let opt_in = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(|e| describe("reading the shared memory limit", e))?;
+        let ring_bytes = RING_BYTES.min(u32::try_from(opt_in).unwrap_or(0).saturating_sub(8 * 1024));
         let mut typed_fns = f.split_off(PLAIN.len()).into_iter();
         let mut plain = f.into_iter();
         let mut next = || plain.next().expect("one function per name");
@@ -216,16 +245,22 @@ impl Kernels {
             .map(|&(elem, _)| {
                 let mut take = || typed_fns.next().expect("three functions per element type");
                 let (combine, combine_reduce, combine_backward_expert) = (take(), take(), take());
-                (
+                combine
+                    .set_attribute(
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        ring_bytes as i32,
+                    )
+                    .map_err(|e| describe("allowing ep_combine its shared memory", e))?;
+                Ok((
                     elem,
                     Typed {
                         combine,
                         combine_reduce,
                         combine_backward_expert,
                     },
-                )
+                ))
             })
-            .collect();
+            .collect::<Result<_, String>>()?;
         Ok(Kernels {
             _module: module,
             route_notify,
@@ -235,6 +270,7 @@ impl Kernels {
             layout_expert_major,
             expand_rows,
             typed,
+            ring_bytes,
         })
     }
 
@@ -502,6 +538,11 @@ impl Kernels {
         done: u64,
         err: u64,
     ) -> Result<(), String> {
+        // Expert-major sending warps gather through rings in shared memory (ep_combine).
+        let ring_vecs = match send.exp_rows {
+            0 => 0,
+            _ => RING_VECS_MAX.min(self.ring_bytes / (send_warps as u32 * RING_BYTES_PER_VEC)),
+        };
         let args = vec![
             Arg::Peers(Box::new(*peers)),
             Arg::Dims(dm),
@@ -524,10 +565,13 @@ impl Kernels {
             Arg::Ptr(reduce.out),
             Arg::Ptr(reduce.out_side),
             Arg::Int(send_warps),
+            Arg::Int(ring_vecs as i32),
             Arg::Ptr(done),
             Arg::Ptr(err),
         ];
-        launch(s, &self.typed(elem).combine, grid, args, "ep_combine")
+        let shared = send_warps as u32 * ring_vecs * RING_BYTES_PER_VEC;
+        let f = &self.typed(elem).combine;
+        launch_with_shared(s, f, grid, shared, args, "ep_combine")
     }
 
     #[allow(clippy::too_many_arguments)]
