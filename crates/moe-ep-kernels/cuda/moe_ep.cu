@@ -236,8 +236,12 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
 }
 
-__device__ __forceinline__ void cp_async_wait_all() {
-    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+// Waits until at most kPending of this thread's committed cp.async groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
 }
 
 __device__ __forceinline__ bool aligned16(const void* p) {
@@ -704,10 +708,11 @@ struct WarpTable {
 
 // The expert-major partial of one staged row into `dst`: for each 16-byte vector of the row, the
 // sum in ascending slot order of w(row) * y[row] over the rows in `slots` (bit k: slot k, row
-// er[k]; 1 <= popcount <= ring_vecs), fmaf from +0.0, rounded once. Each lane gathers its vectors'
-// inputs into its column of the warp's shared-memory ring (`ring`: ring_vecs x 32 vectors) with
-// cp.async, so ring_vecs / n loads per slot and lane are in flight without holding registers; it
-// then adds them in order. The slots' rows and weights go to `table` first.
+// er[k]; 1 <= popcount n <= ring_vecs), fmaf from +0.0, rounded once. Each lane gathers its
+// vectors' inputs into its column of the warp's shared-memory ring (`ring`: ring_vecs x 32
+// vectors) with cp.async, so loads are in flight without holding registers, then adds them in
+// order. When the ring holds two batches (2n <= ring_vecs), the next batch's loads fly while this
+// one is added and stored. The slots' rows and weights go to `table` first.
 template <typename T, typename WeightOf>
 __device__ __forceinline__ void gather_partial(T* dst, const T* y, const int* er, unsigned slots, int H, bool unit,
                                                WeightOf weight_of, int4* ring, int ring_vecs, WarpTable* table,
@@ -715,7 +720,8 @@ __device__ __forceinline__ void gather_partial(T* dst, const T* y, const int* er
     using V = Vec16<T>;
     const int units = H / V::kLen;
     const int n = __popc(slots);
-    const int kv = ring_vecs / n;  // vectors per lane at once
+    const int batches = 2 * n <= ring_vecs ? 2 : 1;
+    const int kv = ring_vecs / (batches * n);  // vectors per lane in a batch
     __syncwarp();  // the previous row's reads of the table are done
     if ((slots >> lane) & 1u) {
         const int q = __popc(slots & ((1u << lane) - 1u));
@@ -723,15 +729,28 @@ __device__ __forceinline__ void gather_partial(T* dst, const T* y, const int* er
         table->weight[q] = unit ? 1.f : weight_of(lane);
     }
     __syncwarp();
-    for (int base = 0; base < units; base += 32 * kv) {
+    // Batch b's vector u of slot q sits at ring[((b * kv + u) * n + q) * 32 + lane].
+    const auto issue = [&](int base, int b) {
         for (int q = 0; q < n; ++q) {
             const int4* src = reinterpret_cast<const int4*>(y + static_cast<int64_t>(table->row[q]) * H);
             for (int u = 0; u < kv; ++u) {
                 const int v = base + lane + 32 * u;
-                if (v < units) cp_async16(ring + (u * n + q) * 32 + lane, src + v);
+                if (v < units) cp_async16(ring + ((b * kv + u) * n + q) * 32 + lane, src + v);
             }
         }
-        cp_async_wait_all();
+        cp_async_commit();
+    };
+    issue(0, 0);
+    int b = 0;
+    for (int base = 0; base < units; base += 32 * kv) {
+        const int next = base + 32 * kv;
+        if (batches == 2) {
+            if (next < units) issue(next, b ^ 1);
+            else cp_async_commit();  // an empty group keeps the count
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
         for (int u = 0; u < kv; ++u) {
             const int v = base + lane + 32 * u;
             if (v >= units) break;
@@ -740,7 +759,7 @@ __device__ __forceinline__ void gather_partial(T* dst, const T* y, const int* er
             for (int i = 0; i < V::kLen; ++i) acc[i] = 0.f;
             for (int q = 0; q < n; ++q) {
                 V in;
-                *reinterpret_cast<int4*>(in.e) = ring[(u * n + q) * 32 + lane];
+                *reinterpret_cast<int4*>(in.e) = ring[((b * kv + u) * n + q) * 32 + lane];
                 const float w = table->weight[q];
 #pragma unroll
                 for (int i = 0; i < V::kLen; ++i)
@@ -751,8 +770,14 @@ __device__ __forceinline__ void gather_partial(T* dst, const T* y, const int* er
             for (int i = 0; i < V::kLen; ++i) out.e[i] = narrow<T>(acc[i]);
             out.store(reinterpret_cast<int4*>(dst) + v);
         }
-        // Each lane reads only its own column, which its next cp.async overwrites: no barrier.
+        // Each lane reads only its own column, which only its own later cp.async overwrites.
+        if (batches == 2) {
+            b ^= 1;
+        } else if (next < units) {
+            issue(next, 0);
+        }
     }
+    cp_async_wait<0>();
 }
 
 // Each expert rank sends, for every staged row j (source s, token t), one row back to s: token-
