@@ -9,7 +9,8 @@
 # `run` uses every GPU it finds: the conformance suite with 4 ranks on GPU 0, and with ranks on
 # distinct GPUs when there are several; the CUDA-vs-CPU and timeout tests; compute-sanitizer
 # memcheck and racecheck on the one-rank case (the sanitizers serialize kernels, so ranks that
-# wait for each other inside kernels would only time out under them); a short bench. Logs go to $OUT (or .bin/logs).
+# wait for each other inside kernels would only time out under them); short benches, token-major and
+# expert-major. Logs go to $OUT (or .bin/logs).
 # GPU_SUITE_ONLY=WORD runs only the steps whose name contains WORD; GPU_SUITE_SKIP=REGEX skips the
 # steps whose name matches it (e.g. 'racecheck|ranks on gpus').
 # Each step is stopped after GPU_SUITE_STEP_TIMEOUT seconds (default 450: the conformance suite
@@ -85,7 +86,11 @@ run() {
         .bin/conformance_cuda --exact world_1
     step "bench world $n" .bin/moe-ep bench --backend cuda --world "$n" --tokens 1,128,512,4096,8192 \
         --iters 10 --warmup 3 --json "$LOGS/world$n.json" --plot "$LOGS/world$n.svg"
-    [ -f "$LOGS/bench_world_$n.log" ] && grep -A 12 '^Summary' "$LOGS/bench_world_$n.log"
+    step "bench world $n expert-major" .bin/moe-ep bench --backend cuda --world "$n" --tokens 1,128,4096 \
+        --layout expert-major --baselines ceiling --iters 10 --warmup 3 --json "$LOGS/world${n}_em.json"
+    for f in "$LOGS/bench_world_$n.log" "$LOGS/bench_world_${n}_expert-major.log"; do
+        [ -f "$f" ] && grep -A 12 -E '^(Host queuing|Summary)' "$f"
+    done
     table
 }
 

@@ -323,17 +323,25 @@ __device__ void route_block(const EpDims& dm, const void* topk, int idx64, int n
                             int* pos, int* counts, int* err) {
     const int K = dm.topk;
     if (blockIdx.x == dm.world) {
-        for (int e = threadIdx.x; e < dm.num_experts; e += blockDim.x) counts[dm.world + e] = 0;
+        // The histogram goes through shared memory when it fits: every slot adds to one of E
+        // counters, and global atomics on few addresses serialize in L2.
+        constexpr int kSharedExperts = 4096;
+        __shared__ int hist[kSharedExperts];
+        const bool in_shared = dm.num_experts <= kSharedExperts;
+        int* h = in_shared ? hist : counts + dm.world;
+        for (int e = threadIdx.x; e < dm.num_experts; e += blockDim.x) h[e] = 0;
         __syncthreads();
         for (int64_t i = threadIdx.x; i < static_cast<int64_t>(num_tokens) * K; i += blockDim.x) {
             int64_t e = load_expert(topk, idx64, i);
             if (e >= 0 && e < dm.num_experts) {
-                atomicAdd(&counts[dm.world + e], 1);
+                atomicAdd(&h[e], 1);
             } else if (e != -1) {
                 report(err, EP_ERR_EXPERT_ID, static_cast<int>(i / K), static_cast<int>(i % K),
                        static_cast<int>(e < INT32_MIN ? INT32_MIN : (e > INT32_MAX ? INT32_MAX : e)));
             }
         }
+        __syncthreads();
+        for (int e = threadIdx.x; in_shared && e < dm.num_experts; e += blockDim.x) counts[dm.world + e] = hist[e];
         return;
     }
     const int d = blockIdx.x;

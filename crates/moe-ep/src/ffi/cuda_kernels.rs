@@ -232,9 +232,12 @@ impl Kernels {
         let (module, mut f) = super::cuda_memory::load_kernels(ctx, fatbin, &refs)?;
         // What the device lets a block opt into, less room for the kernels' static variables.
         let opt_in = ctx
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
             .map_err(|e| describe("reading the shared memory limit", e))?;
-        let ring_bytes = RING_BYTES.min(u32::try_from(opt_in).unwrap_or(0).saturating_sub(8 * 1024));
+        let ring_bytes =
+            RING_BYTES.min(u32::try_from(opt_in).unwrap_or(0).saturating_sub(16 * 1024));
         let mut typed_fns = f.split_off(PLAIN.len()).into_iter();
         let mut plain = f.into_iter();
         let mut next = || plain.next().expect("one function per name");

@@ -175,6 +175,32 @@ impl StreamBuffer {
         })
     }
 
+    /// Buffers of the given sizes carved from one allocation of the library's pool (each start
+    /// 256-byte aligned): one stream-ordered allocation instead of one per buffer, for the many
+    /// small buffers of one call. The allocation is freed once every buffer carved from it is
+    /// dropped.
+    pub(crate) fn carve<const N: usize>(
+        stream: &Stream,
+        sizes: [usize; N],
+    ) -> Result<[Self; N], String> {
+        const ALIGN: usize = 256;
+        let mut starts = [0usize; N];
+        let mut total = 0usize;
+        for (start, &size) in starts.iter_mut().zip(&sizes) {
+            *start = total;
+            total += size.max(1).div_ceil(ALIGN) * ALIGN;
+        }
+        let arena: Arc<StreamBuffer> = Arc::new(StreamBuffer::uninit(stream, total)?);
+        // Every carved range lies inside the arena (the starts and sizes above sum to its size),
+        // and each buffer keeps the arena alive.
+        Ok(std::array::from_fn(|i| StreamBuffer {
+            ptr: arena.ptr + starts[i] as u64,
+            bytes: sizes[i],
+            stream: stream.clone(),
+            owner: Some(arena.clone()),
+        }))
+    }
+
     /// `bytes` bytes at `offset` in the shared buffer `region(&owner)`, kept alive by `owner` as
     /// long as the returned value lives; `None` when the range does not fit in the region.
     pub(crate) fn region_of<O: Send + Sync + 'static>(

@@ -948,14 +948,49 @@ impl Backend for CudaBackend {
         let slot = self.pick_slot(expert_major.is_none() && self.slot_holds_rows_of(c.dtype));
         let stage = self.shared.slot(slot.index);
 
-        let pos = self.alloc(num_tokens * world * 4)?;
-        let counts = self.alloc((world + c.num_experts) * 4)?;
-        let recv_base = self.alloc((world + 1) * 4)?;
-        let my_base_on = self.alloc(world * 4)?;
-        let per_src = self.tensor(world, None, DType::I32)?;
-        let per_expert = self.tensor(num_local, None, DType::I32)?;
-        let offsets = expert_major
-            .map(|_| self.tensor(num_local + 1, None, DType::I32))
+        // Two allocations for every small buffer of the call, taken before the first launch: the
+        // handle's state, and the metadata outputs (each group is dropped together). The payload
+        // comes later: it may be the receive slot itself.
+        let em = expert_major.is_some();
+        let [pos, counts, recv_base, my_base_on, row_src, row_map, row_weights] =
+            StreamBuffer::carve(
+                self.stream(),
+                [
+                    num_tokens * world * 4,
+                    (world + c.num_experts) * 4,
+                    (world + 1) * 4,
+                    world * 4,
+                    stage_rows * 2 * 4,
+                    stage_rows * kk * 4,
+                    if em { cap * 4 } else { 0 },
+                ],
+            )
+            .map_err(device_error)?;
+        let src_cols = if em { 3 } else { 2 };
+        // Per output row: token-major topk_idx and weights [K], expert-major local_expert and weight.
+        let per_row = if em { 1 } else { kk };
+        let [per_src, per_expert, offsets, src, row_ids, row_w] = StreamBuffer::carve(
+            self.stream(),
+            [
+                world * 4,
+                num_local * 4,
+                if em { (num_local + 1) * 4 } else { 0 },
+                cap * src_cols * 4,
+                cap * per_row * 4,
+                if has_weights { cap * per_row * 4 } else { 0 },
+            ],
+        )
+        .map_err(device_error)?;
+        let row_dims = |cols: usize| if em { vec![cap] } else { vec![cap, cols] };
+        let per_src = Tensor::on_device(per_src, &[world], DType::I32)?;
+        let per_expert = Tensor::on_device(per_expert, &[num_local], DType::I32)?;
+        let offsets = em
+            .then(|| Tensor::on_device(offsets, &[num_local + 1], DType::I32))
+            .transpose()?;
+        let src = Tensor::on_device(src, &[cap, src_cols], DType::I32)?;
+        let row_ids = Tensor::on_device(row_ids, &row_dims(kk), DType::I32)?;
+        let row_w = has_weights
+            .then(|| Tensor::on_device(row_w, &row_dims(kk), DType::F32))
             .transpose()?;
         let topk = ptr_of(&args.topk_idx);
         let idx64 = args.topk_idx.dtype() == DType::I64;
@@ -1006,9 +1041,6 @@ impl Backend for CudaBackend {
 
         // The layout kernels wait for every rank's rows, then write every row of these (padding
         // included: src -1 and so on, as docs/semantics.md states).
-        let row_src = self.alloc(stage_rows * 2 * 4)?;
-        let src_cols = if expert_major.is_some() { 3 } else { 2 };
-        let src = self.tensor(cap, Some(src_cols), DType::I32)?;
         let src_ptr = src.device_ptr().expect("device");
         let mut handle = CudaHandle {
             pos,
@@ -1022,11 +1054,7 @@ impl Backend for CudaBackend {
         };
         let (topk_out, weights_out, local_expert) = match expert_major {
             None => {
-                let row_slots = self.alloc(stage_rows * kk * 4)?;
-                let topk_out = self.tensor(cap, Some(kk), DType::I32)?;
-                let w = has_weights
-                    .then(|| self.tensor(cap, Some(kk), DType::F32))
-                    .transpose()?;
+                let (row_slots, topk_out, w) = (row_map, row_ids, row_w);
                 // The full layout below copies the payload with the metadata.
                 let (x, scales, in_place) = self.payload_tensors(cap, c.dtype, true, &slot)?;
                 let payload_ptr = |t: Option<&Tensor>| match in_place {
@@ -1058,12 +1086,7 @@ impl Backend for CudaBackend {
                 (Some((x, scales, topk_out)), w, None)
             }
             Some(_) => {
-                let exp_rows = self.alloc(stage_rows * kk * 4)?;
-                let row_weights = self.alloc(cap * 4)?;
-                let local_expert = self.tensor(cap, None, DType::I32)?;
-                let w = has_weights
-                    .then(|| self.tensor(cap, None, DType::F32))
-                    .transpose()?;
+                let (exp_rows, local_expert, w) = (row_map, row_ids, row_w);
                 let r = self.kernels.layout_expert_major(
                     self.stream(),
                     dm,
