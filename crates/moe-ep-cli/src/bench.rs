@@ -840,7 +840,7 @@ fn rank_iterations(
         let timer = ep.timer_together()?;
         let queued = Instant::now();
         let (out, handle) = ep.dispatch(x.view(), idx.view(), Some(weights.view()), scales)?;
-        let dispatch_host = queued.elapsed();
+        let dispatch_queued = queued.elapsed();
         let dispatch_time = timer.stop(&*ep)?;
         // The timer waited for the work; this reports what the device found.
         ep.synchronize()?;
@@ -856,7 +856,7 @@ fn rank_iterations(
         let timer = ep.timer_together()?;
         let queued = Instant::now();
         let combined = ep.combine(&handle, y, None)?;
-        let combine_host = queued.elapsed();
+        let combine_queued = queued.elapsed();
         let combine_time = timer.stop(&*ep)?;
         ep.synchronize()?;
         let combined_host = (it == last_it).then(|| combined.to_host()).transpose()?;
@@ -885,9 +885,9 @@ fn rank_iterations(
         record(&mut ours, timed, [dispatch_time, combine_time, e2e_time]);
         if timed {
             cached_us.push(micros(cached_time));
-            host.dispatch_us.push(micros(dispatch_host));
+            host.dispatch_us.push(micros(dispatch_queued));
             host.cached_us.push(micros(cached_queued));
-            host.combine_us.push(micros(combine_host));
+            host.combine_us.push(micros(combine_queued));
         }
         if let (Some(dispatch), Some(combine), Some(cached)) =
             (out_host, combined_host, cached_host)

@@ -230,7 +230,7 @@ __device__ __forceinline__ int4 load16(const int4* p) {
 }
 
 // 16 bytes from global memory into shared memory without passing through registers (L2 only),
-// so many can be in flight; visible to the issuing thread after cp_async_wait_all.
+// so many can be in flight; visible to the issuing thread once cp_async_wait says its group is done.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");

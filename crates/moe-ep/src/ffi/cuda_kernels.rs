@@ -150,10 +150,10 @@ pub(crate) struct Kernels {
 }
 
 /// The most dynamic shared memory the gather rings of `ep_combine_*` take per block: 16 vectors
-/// per lane for 16 sending warps (docs/perf-notes.md, v4).
+/// per lane for 16 sending warps, 10 for the expert-major default of 24 (docs/perf-notes.md, v4).
 const RING_BYTES: u32 = 128 * 1024;
-/// Vectors per lane in a gather ring, at most; enough loads in flight per lane (with 16 sending
-/// warps, 128 KiB per SM) to keep the links busy while each row gathers about 2 rows here.
+/// Vectors per lane in a gather ring, at most: enough loads in flight for each sent row, which
+/// gathers about 2 rows here.
 const RING_VECS_MAX: u32 = 16;
 /// Bytes of a ring per vector slot: 32 lanes of 16 bytes.
 const RING_BYTES_PER_VEC: u32 = 32 * 16;

@@ -982,16 +982,16 @@ impl Backend for CudaBackend {
             ],
         )
         .map_err(device_error)?;
-        let row_dims = |cols: usize| if em { vec![cap] } else { vec![cap, cols] };
+        let row_dims = if em { vec![cap] } else { vec![cap, kk] };
         let per_src = Tensor::on_device(per_src, &[world], DType::I32)?;
         let per_expert = Tensor::on_device(per_expert, &[num_local], DType::I32)?;
         let offsets = em
             .then(|| Tensor::on_device(offsets, &[num_local + 1], DType::I32))
             .transpose()?;
         let src = Tensor::on_device(src, &[cap, src_cols], DType::I32)?;
-        let row_ids = Tensor::on_device(row_ids, &row_dims(kk), DType::I32)?;
+        let row_ids = Tensor::on_device(row_ids, &row_dims, DType::I32)?;
         let row_w = has_weights
-            .then(|| Tensor::on_device(row_w, &row_dims(kk), DType::F32))
+            .then(|| Tensor::on_device(row_w, &row_dims, DType::F32))
             .transpose()?;
         let topk = ptr_of(&args.topk_idx);
         let idx64 = args.topk_idx.dtype() == DType::I64;
