@@ -664,9 +664,7 @@ struct Vec16 {
 
     // Buffers peers store into are read past L1 (__ldcg): the combine reads rows while others
     // still arrive, and L1 is not coherent with those stores.
-    __device__ __forceinline__ void load(const int4* p, bool read_only) {
-        *reinterpret_cast<int4*>(e) = read_only ? __ldg(p) : __ldcg(p);
-    }
+    __device__ __forceinline__ void load(const int4* p) { *reinterpret_cast<int4*>(e) = __ldcg(p); }
     __device__ __forceinline__ void store(int4* p) const { *p = *reinterpret_cast<const int4*>(e); }
 };
 
@@ -677,13 +675,12 @@ __device__ __forceinline__ bool vector_rows(const EpDims& dm, const void* p) {
     return dm.hidden % Vec16<T>::kLen == 0 && aligned16(p);
 }
 
-// Adds, in ascending order of i, term i of every source i set in `sources` (a warp-uniform bit set
-// of at most 32) into one 16-byte vector's accumulators: acc = acc + v when `unit`, else
-// fmaf(weight_of(i), v, acc). Loads kBatch sources at once so their latencies overlap; the adds
-// stay in order. vector_of(i) is source i's vector.
-template <typename T, int kBatch, typename VectorOf, typename WeightOf>
-__device__ __forceinline__ void accumulate_sources(float (&acc)[Vec16<T>::kLen], unsigned sources, bool read_only,
-                                                   bool unit, VectorOf vector_of, WeightOf weight_of) {
+// Adds, in ascending order of i, source i's vector (vector_of(i), in a buffer peers store into)
+// of every source i set in `sources` (a warp-uniform bit set of at most 32) into one 16-byte
+// vector's accumulators, acc = acc + v. Loads kBatch sources at once so their latencies overlap;
+// the adds stay in order.
+template <typename T, int kBatch, typename VectorOf>
+__device__ __forceinline__ void sum_sources(float (&acc)[Vec16<T>::kLen], unsigned sources, VectorOf vector_of) {
     while (sources) {
         int idx[kBatch];
 #pragma unroll
@@ -694,15 +691,13 @@ __device__ __forceinline__ void accumulate_sources(float (&acc)[Vec16<T>::kLen],
         Vec16<T> in[kBatch];
 #pragma unroll
         for (int u = 0; u < kBatch; ++u) {
-            if (idx[u] >= 0) in[u].load(vector_of(idx[u]), read_only);
+            if (idx[u] >= 0) in[u].load(vector_of(idx[u]));
         }
 #pragma unroll
         for (int u = 0; u < kBatch; ++u) {
             if (idx[u] < 0) continue;
-            const float w = unit ? 1.f : weight_of(idx[u]);
 #pragma unroll
-            for (int i = 0; i < Vec16<T>::kLen; ++i)
-                acc[i] = unit ? acc[i] + widen(in[u].e[i]) : fmaf(w, widen(in[u].e[i]), acc[i]);
+            for (int i = 0; i < Vec16<T>::kLen; ++i) acc[i] = acc[i] + widen(in[u].e[i]);
         }
     }
 }
@@ -937,9 +932,8 @@ __device__ void reduce_tokens(const EpDims& dm, const T* back, const float* back
                 float acc[V::kLen];
 #pragma unroll
                 for (int i = 0; i < V::kLen; ++i) acc[i] = 0.f;
-                accumulate_sources<T, 4>(
-                    acc, sources, false, true, [&](int d) { return reinterpret_cast<const int4*>(back_row(d)) + v; },
-                    [](int) { return 1.f; });
+                sum_sources<T, 4>(acc, sources,
+                                  [&](int d) { return reinterpret_cast<const int4*>(back_row(d)) + v; });
                 V o;
 #pragma unroll
                 for (int i = 0; i < V::kLen; ++i) o.e[i] = narrow<T>(acc[i]);
