@@ -315,33 +315,70 @@ template <> __device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16>(float
 // ------------------------------------------------------------------------------------------------
 // Dispatch
 
+// Block `world` of the route kernel: counts the slots of each expert into counts[world + e],
+// reports ids out of range and, when `slot_rank` is given, ranks every slot among the slots of its
+// expert in (t, k) order (slot_rank[t * K + k], -1 for dropped slots), which places it in its
+// expert-major group on the destination without waiting for the other slots. Warp w of the
+// first `segs` takes the w-th stretch of slots: it counts its stretch per expert, a scan over
+// the warps turns the counts into each stretch's first rank per expert, and each warp then walks
+// its stretch 32 slots at a time, matching equal experts across the lanes.
+__device__ void count_experts(const EpDims& dm, const void* topk, int idx64, int num_tokens, int* counts,
+                              int* slot_rank, int* scratch, int* err) {
+    __shared__ int hist_shared[EP_RANK_SHARED_INTS];
+    const int E = dm.num_experts, K = dm.topk, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const bool in_shared = E <= EP_RANK_SHARED_INTS;
+    const int segs = in_shared ? min(static_cast<int>(blockDim.x >> 5), EP_RANK_SHARED_INTS / E) : 32;
+    int* hist = in_shared ? hist_shared : scratch;
+    const int64_t slots = static_cast<int64_t>(num_tokens) * K;
+    const int64_t stretch = (slots + segs - 1) / segs;
+    for (int64_t i = threadIdx.x; i < static_cast<int64_t>(segs) * E; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+    const int64_t begin = w * stretch, end = min(slots, begin + stretch);
+    int* mine = hist + static_cast<int64_t>(w) * E;
+    for (int64_t i = begin + lane; w < segs && i < end; i += 32) {
+        const int64_t e = load_expert(topk, idx64, i);
+        if (e >= 0 && e < E) {
+            atomicAdd(&mine[e], 1);
+        } else if (e != -1) {
+            report(err, EP_ERR_EXPERT_ID, static_cast<int>(i / K), static_cast<int>(i % K),
+                   static_cast<int>(e < INT32_MIN ? INT32_MIN : (e > INT32_MAX ? INT32_MAX : e)));
+        }
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        int running = 0;
+        for (int v = 0; v < segs; ++v) {
+            const int c = hist[static_cast<int64_t>(v) * E + e];
+            hist[static_cast<int64_t>(v) * E + e] = running;
+            running += c;
+        }
+        counts[dm.world + e] = running;
+    }
+    __syncthreads();
+    if (!slot_rank || w >= segs) return;
+    const unsigned below = (1u << lane) - 1u;
+    for (int64_t at = begin; at < end; at += 32) {
+        const int64_t i = at + lane;
+        const int e = i < end ? slot_expert(topk, idx64, i, E) : -1;
+        const unsigned same = __match_any_sync(0xffffffffu, e);
+        const int before = __popc(same & below);
+        const int first = e >= 0 ? mine[e] : 0;
+        if (i < end) slot_rank[i] = e >= 0 ? first + before : -1;
+        __syncwarp();
+        if (e >= 0 && before == 0) mine[e] = first + __popc(same);
+        __syncwarp();
+    }
+}
+
 // Source side routing, one block of the route kernel. Blocks 0..world-1: block d finds, for each
 // token t in ascending order, its position among the tokens going to rank d (-1 if none), and
-// their count. Block `world` counts the slots of each expert and reports ids out of range.
+// their count. Block `world` counts (and ranks) the slots of each expert (count_experts).
 // counts = [world + E].
 __device__ void route_block(const EpDims& dm, const void* topk, int idx64, int num_tokens, const int* expert_rank,
-                            int* pos, int* counts, int* err) {
+                            int* pos, int* counts, int* slot_rank, int* rank_scratch, int* err) {
     const int K = dm.topk;
     if (blockIdx.x == dm.world) {
-        // The histogram goes through shared memory when it fits: every slot adds to one of E
-        // counters, and global atomics on few addresses serialize in L2.
-        constexpr int kSharedExperts = 4096;
-        __shared__ int hist[kSharedExperts];
-        const bool in_shared = dm.num_experts <= kSharedExperts;
-        int* h = in_shared ? hist : counts + dm.world;
-        for (int e = threadIdx.x; e < dm.num_experts; e += blockDim.x) h[e] = 0;
-        __syncthreads();
-        for (int64_t i = threadIdx.x; i < static_cast<int64_t>(num_tokens) * K; i += blockDim.x) {
-            int64_t e = load_expert(topk, idx64, i);
-            if (e >= 0 && e < dm.num_experts) {
-                atomicAdd(&h[e], 1);
-            } else if (e != -1) {
-                report(err, EP_ERR_EXPERT_ID, static_cast<int>(i / K), static_cast<int>(i % K),
-                       static_cast<int>(e < INT32_MIN ? INT32_MIN : (e > INT32_MAX ? INT32_MAX : e)));
-            }
-        }
-        __syncthreads();
-        for (int e = threadIdx.x; in_shared && e < dm.num_experts; e += blockDim.x) counts[dm.world + e] = hist[e];
+        count_experts(dm, topk, idx64, num_tokens, counts, slot_rank, rank_scratch, err);
         return;
     }
     const int d = blockIdx.x;
@@ -367,11 +404,13 @@ __device__ void route_block(const EpDims& dm, const void* topk, int idx64, int n
 // every rank's inbox (double-buffered by call parity), which also tells every peer this rank
 // entered the call; waits for every rank's row, then derives: where each source's rows start here
 // (recv_base[world+1]), where this rank's rows start on each destination (my_base_on[world]), the
-// count tensors of the output, the aligned expert-major offsets, and every rank's capacity check
+// count tensors of the output, the aligned expert-major offsets with the first row of each
+// (source, local expert) in them (group_base[world][E_local]), and every rank's capacity check
 // (all ranks compute the same verdict, so an overflow stops all of them alike).
 __device__ void notify(const EpPeers& peers, const EpDims& dm, const int* counts, const int* expert_rank,
                        const int* local_experts, const int* capacity, int align, int recv_slot, int* recv_base,
-                       int* my_base_on, int* out_per_src, int* out_per_expert, int* out_offsets, int* err) {
+                       int* my_base_on, int* out_per_src, int* out_per_expert, int* out_offsets, int* group_base,
+                       int* err) {
     const int n = dm.world + dm.num_experts, row = EP_INBOX_ROW(dm.world, dm.num_experts);
     for (int p = 0; p < dm.world; ++p) {
         int* inbox = inbox_row(peers, dm, p, dm.rank);
@@ -434,41 +473,49 @@ __device__ void notify(const EpPeers& peers, const EpDims& dm, const int* counts
             }
         }
     }
+    __syncthreads();
+    for (int g = threadIdx.x; align > 0 && group_base && g < dm.num_local; g += blockDim.x) {
+        int at = out_offsets[g];
+        for (int s = 0; s < dm.world; ++s) {
+            group_base[s * dm.num_local + g] = at;
+            at += in[s * row + dm.world + local_experts[g]];
+        }
+    }
 }
 
 // A dispatch's first kernel: routing in blocks 0..world (see route_block), then the count
 // exchange in whichever block finishes last (see notify), which also publishes this rank's receive
-// slot and stores the call number. world + 1 blocks.
+// slot and stores the call number. world + 1 blocks. Expert-major, also each slot's rank in its
+// expert (slot_rank [T * K]; rank_scratch int [32][E] past EP_RANK_SHARED_INTS experts) and
+// group_base.
 extern "C" __global__ void __launch_bounds__(1024)
     ep_route_notify(EpPeers peers, EpDims dm, const void* topk, int idx64, int num_tokens, const int* expert_rank,
                     const int* local_experts, const int* capacity, int align, int recv_slot, int* pos,
-                    int* counts, int* recv_base, int* my_base_on, int* out_per_src, int* out_per_expert,
-                    int* out_offsets, unsigned* done, int* err) {
-    route_block(dm, topk, idx64, num_tokens, expert_rank, pos, counts, err);
+                    int* counts, int* slot_rank, int* rank_scratch, int* recv_base, int* my_base_on,
+                    int* out_per_src, int* out_per_expert, int* out_offsets, int* group_base, unsigned* done,
+                    int* err) {
+    route_block(dm, topk, idx64, num_tokens, expert_rank, pos, counts, slot_rank, rank_scratch, err);
     if (!arrive_last(done)) return;
     notify(peers, dm, counts, expert_rank, local_experts, capacity, align, recv_slot, recv_base, my_base_on,
-           out_per_src, out_per_expert, out_offsets, err);
+           out_per_src, out_per_expert, out_offsets, group_base, err);
     __syncthreads();
     if (threadIdx.x == 0) commit_call(dm);
 }
 
-// Sends every token once to each of its destination ranks: the x row, the scales row (when
-// `scales` is given: replays of gradients carry none), and (unless `payload_only`, i.e. a replay)
-// the row's metadata, straight into the destination's staging buffers at the row the routing gave
-// it, in the receive slot the destination picked. One warp per (token, destination), so every
-// destination's link is busy at once. A replay begins its call (dm.begins_call): it first
-// publishes its own receive slot `recv_slot` and waits until every rank entered. The last block
-// raises the data flag on every peer.
-extern "C" __global__ void __launch_bounds__(1024)
-    ep_dispatch_send(EpPeers peers, EpDims dm, const uint8_t* x, const float* scales, const void* topk, int idx64,
-                     const float* weights, const int* expert_rank, const int* local_index, const int* pos,
-                     const int* my_base_on, int num_tokens, int payload_only, int recv_slot, unsigned* done,
-                     int* err) {
+// One sending warp's share of the tokens (items `warp`, `warp + warps`, ... of (token,
+// destination)): the x row, the scales row (when `scales` is given: replays of gradients carry
+// none), and (unless `payload_only`, i.e. a replay) the row's metadata, straight into the
+// destination's staging buffers at the row the routing gave it, in the receive slot the
+// destination picked. When the destination lays rows out as they come (`count_arrivals`), the
+// warp then adds 1 to its arrival counter of the row's chunk, with a system-scope release.
+__device__ void send_rows(const EpPeers& peers, const EpDims& dm, const uint8_t* x, const float* scales,
+                          const void* topk, int idx64, const float* weights, const int* expert_rank,
+                          const int* local_index, const int* pos, const int* my_base_on, const int* slot_rank,
+                          int num_tokens, int payload_only, bool count_arrivals, int warp, int warps) {
     const int lane = threadIdx.x & 31;
     const int K = dm.topk, S = dm.scale_cols, W = dm.world;
-    const bool go = (dm.begins_call ? enter_call(peers, dm, recv_slot, err) : true) && block_ok(err);
     const int64_t items = static_cast<int64_t>(num_tokens) * W;
-    for (int64_t item = warp_id(); go && item < items; item += warp_count()) {
+    for (int64_t item = warp; item < items; item += warps) {
         const int p = pos[item];
         if (p < 0) continue;
         const int t = static_cast<int>(item / W), d = static_cast<int>(item - static_cast<int64_t>(t) * W);
@@ -486,15 +533,321 @@ extern "C" __global__ void __launch_bounds__(1024)
                 meta[1] = t;
             }
             for (int k = lane; k < K; k += 32) {
-                int e = slot_expert(topk, idx64, static_cast<int64_t>(t) * K + k, dm.num_experts);
+                const int64_t i = static_cast<int64_t>(t) * K + k;
+                int e = slot_expert(topk, idx64, i, dm.num_experts);
                 bool here = e >= 0 && expert_rank[e] == d;
                 meta[2 + k] = here ? local_index[e] : -1;
-                float w = (here && weights) ? weights[static_cast<int64_t>(t) * K + k] : 0.f;
+                float w = (here && weights) ? weights[i] : 0.f;
                 meta[2 + K + k] = __float_as_int(w);
+                meta[2 + 2 * K + k] = here && slot_rank ? slot_rank[i] : -1;
+            }
+        }
+        if (count_arrivals) {
+            // As in send_back_rows: the warp barrier orders every lane's stores before the release.
+            __syncwarp();
+            if (lane == 0) red_add_release_sys(arrival_counter(peers.signals[d], dm, dm.rank, p / EP_CHUNK_TOKENS), 1u);
+        }
+    }
+}
+
+// Waits until source s's arrival counter of chunk c reached `expected` rows. One warp; false in
+// every lane on timeout (naming s) or once the call failed.
+__device__ bool wait_arrivals(const EpDims& dm, int s, int c, unsigned expected, int* err) {
+    const int lane = threadIdx.x & 31;
+    bool ok = true;
+    if (lane == 0) {
+        const unsigned* counter = arrival_counter(dm.my_signals, dm, s, c);
+        const uint64_t deadline = global_timer_ns() + dm.timeout_ns;
+        while (ld_acquire_sys(counter) < expected) {
+            if (failed(err)) {
+                ok = false;
+                break;
+            }
+            if (global_timer_ns() > deadline) {
+                report(err, EP_ERR_TIMEOUT, dm.rank, s, EP_SIG_DATA);
+                ok = false;
+                break;
+            }
+            __nanosleep(64);
+        }
+    }
+    // Lane 0's acquired view passes to the whole warp through the vote's barrier.
+    return __all_sync(0xffffffffu, ok);
+}
+
+// Marks the expert-major rows that hold no slot (src and local_expert -1, weight 0): the tail of
+// each group past its rows, and every row past the last group. Warps `warp`, `warp + warps`, ...
+__device__ void mark_padding(const EpDims& dm, const EpExpand& ex, int warp, int warps) {
+    const int lane = threadIdx.x & 31;
+    const int* offsets = reinterpret_cast<const int*>(ex.offsets);
+    const int* per_expert = reinterpret_cast<const int*>(ex.per_expert);
+    int* out_src = reinterpret_cast<int*>(ex.out_src);
+    int* out_local_expert = reinterpret_cast<int*>(ex.out_local_expert);
+    float* out_weights = reinterpret_cast<float*>(ex.out_weights);
+    const auto mark = [&](int64_t r) {
+        out_src[3 * r] = -1;
+        out_src[3 * r + 1] = -1;
+        out_src[3 * r + 2] = -1;
+        out_local_expert[r] = -1;
+        if (out_weights) out_weights[r] = 0.f;
+    };
+    for (int g = warp; g < dm.num_local; g += warps) {
+        for (int r = offsets[g] + per_expert[g] + lane; r < offsets[g + 1]; r += 32) mark(r);
+    }
+    for (int64_t r = offsets[dm.num_local] + static_cast<int64_t>(warp) * 32 + lane; r < ex.out_rows;
+         r += static_cast<int64_t>(warps) * 32)
+        mark(r);
+}
+
+// Records where staged row j's slots go in the expert-major output: a dispatch derives each
+// slot's row from the metadata (group_base + the slot's rank) and writes it to exp_rows with the
+// slot's src, local expert and weight; a replay finds them recorded. One warp.
+__device__ void record_row(const EpDims& dm, const EpExpand& ex, int j, int lane) {
+    const int K = dm.topk;
+    int* exp_rows = reinterpret_cast<int*>(ex.exp_rows) + static_cast<int64_t>(j) * K;
+    const int* meta = reinterpret_cast<const int*>(ex.stage_meta) + static_cast<int64_t>(j) * EP_META_INTS(K);
+    const int* group_base = reinterpret_cast<const int*>(ex.group_base);
+    const int s = meta[0], t = meta[1];
+    if (lane < 2) reinterpret_cast<int*>(ex.row_src)[2 * static_cast<int64_t>(j) + lane] = meta[lane];
+    for (int k = lane; k < K; k += 32) {
+        const int g = meta[2 + k];
+        int r = -1;
+        if (g >= 0) {
+            r = group_base[s * dm.num_local + g] + meta[2 + 2 * K + k];
+            const float w = __int_as_float(meta[2 + K + k]);
+            int* src = reinterpret_cast<int*>(ex.out_src) + 3 * static_cast<int64_t>(r);
+            src[0] = s;
+            src[1] = t;
+            src[2] = k;
+            reinterpret_cast<int*>(ex.out_local_expert)[r] = g;
+            if (ex.out_weights) reinterpret_cast<float*>(ex.out_weights)[r] = w;
+            reinterpret_cast<float*>(ex.row_weights)[r] = ex.has_weights ? w : 1.f;
+        }
+        exp_rows[k] = r;
+    }
+}
+
+// Whether the payload can move 16 bytes a lane, one slot per lane.
+__device__ __forceinline__ bool rows_vectorize(const EpDims& dm, const EpExpand& ex) {
+    return dm.topk <= 32 && (dm.stage_row_bytes & 15) == 0 && (ex.out_row_bytes & 15) == 0 &&
+           aligned16(reinterpret_cast<const void*>(ex.stage_x)) && aligned16(reinterpret_cast<const void*>(ex.out_x));
+}
+
+// Copies staged row j to the output rows of its slots (lane k holding slot k's, -1 for none)
+// through registers: each vector is loaded once and stored to every row.
+__device__ void copy_row_direct(const EpDims& dm, const EpExpand& ex, int j, int r_mine, int lane) {
+    constexpr int kUnroll = 4;
+    const unsigned slots = __ballot_sync(0xffffffffu, r_mine >= 0);
+    const int4* src = reinterpret_cast<const int4*>(ex.stage_x + static_cast<int64_t>(j) * dm.stage_row_bytes);
+    const int n = ex.out_row_bytes / 16;
+    for (int base = 0; base < n; base += kUnroll * 32) {
+        int4 v[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int i = base + u * 32 + lane;
+            if (i < n) v[u] = src[i];
+        }
+        for (unsigned m = slots; m != 0; m &= m - 1) {
+            const int r = __shfl_sync(0xffffffffu, r_mine, __ffs(m) - 1);
+            int4* dst = reinterpret_cast<int4*>(ex.out_x + static_cast<int64_t>(r) * ex.out_row_bytes);
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) {
+                const int i = base + u * 32 + lane;
+                if (i < n) dst[i] = v[u];
             }
         }
     }
-    finish_phase(peers, dm, done, EP_SIG_DATA, true);
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// A laying-out warp's share of the dynamic shared memory for the bulk copy engine: kBulkStages
+// buffers of `chunk` bytes, each with an mbarrier its loads complete, and how many chunks the
+// warp loaded so far (chunk k uses buffer k % kBulkStages for the (k / kBulkStages)-th time).
+constexpr int kBulkStages = 4;
+constexpr int kBulkHeader = 128;  // the mbarriers, keeping the buffers 128-byte aligned
+struct BulkStages {
+    uint64_t* bars;
+    uint8_t* buf;
+    int chunk;
+    unsigned loaded;
+};
+
+// Lane 0 sets up the warp's stages in its `bytes` of shared memory at `region` (128-byte
+// aligned); chunk 0 when they cannot hold 16 bytes each.
+__device__ BulkStages bulk_stages(uint8_t* region, int bytes, int lane) {
+    BulkStages st{reinterpret_cast<uint64_t*>(region), region + kBulkHeader,
+                  bytes > kBulkHeader ? ((bytes - kBulkHeader) / kBulkStages) & ~15 : 0, 0u};
+    if (lane == 0 && st.chunk > 0) {
+        for (int i = 0; i < kBulkStages; ++i) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(st.bars + i)));
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncwarp();
+    return st;
+}
+
+// Copies staged rows j0 .. j0 + n - 1 to the output rows their slots expand to (exp_rows) with
+// the bulk copy engine, which needs no registers for the bytes in flight: lane 0 loads each
+// chunk of a row into a stage two chunks ahead, and once it landed stores it from there to every
+// row the slots expand to. A stage is loaded again only when the stores that read it are done.
+__device__ void copy_rows_bulk(const EpDims& dm, const EpExpand& ex, int j0, int n, BulkStages& st, int lane) {
+    const int K = dm.topk, row_bytes = ex.out_row_bytes, chunk = min(st.chunk, row_bytes);
+    const int per_row = (row_bytes + chunk - 1) / chunk, total = n * per_row;
+    const int* exp_rows = reinterpret_cast<const int*>(ex.exp_rows);
+    const auto stage_of = [&](int q) { return st.buf + ((st.loaded + q) % kBulkStages) * static_cast<int64_t>(st.chunk); };
+    const auto bar_of = [&](int q) { return smem_addr(st.bars + (st.loaded + q) % kBulkStages); };
+    const auto load = [&](int q) {  // lane 0
+        const int row = q / per_row, off = (q - row * per_row) * chunk, bytes = min(chunk, row_bytes - off);
+        const uint8_t* src = reinterpret_cast<const uint8_t*>(ex.stage_x) +
+                             static_cast<int64_t>(j0 + row) * dm.stage_row_bytes + off;
+        // The stage's last reader is the store of chunk q - 4; only chunk q - 3's may still read.
+        asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar_of(q)), "r"(bytes) : "memory");
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                         smem_addr(stage_of(q))),
+                     "l"(src), "r"(bytes), "r"(bar_of(q))
+                     : "memory");
+    };
+    if (lane == 0) {
+        // The rows were stored by peers and acquired through the generic proxy; the bulk loads
+        // read through the async proxy.
+        asm volatile("fence.proxy.async;" ::: "memory");
+        for (int q = 0; q < min(2, total); ++q) load(q);
+    }
+    int r_mine = -1;
+    for (int q = 0; q < total; ++q) {
+        const int row = q / per_row, off = (q - row * per_row) * chunk, bytes = min(chunk, row_bytes - off);
+        if (off == 0) r_mine = lane < K ? exp_rows[static_cast<int64_t>(j0 + row) * K + lane] : -1;
+        const unsigned slots = __ballot_sync(0xffffffffu, r_mine >= 0);
+        if (lane == 0) {
+            if (q + 2 < total) load(q + 2);
+            const uint32_t parity = ((st.loaded + q) / kBulkStages) & 1u;
+            uint32_t landed = 0;
+            while (!landed) {
+                asm volatile(
+                    "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                    : "=r"(landed)
+                    : "r"(bar_of(q)), "r"(parity)
+                    : "memory");
+            }
+        }
+        for (unsigned m = slots; m != 0; m &= m - 1) {
+            const int r = __shfl_sync(0xffffffffu, r_mine, __ffs(m) - 1);
+            if (lane == 0) {
+                uint8_t* dst = reinterpret_cast<uint8_t*>(ex.out_x) + static_cast<int64_t>(r) * row_bytes + off;
+                asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst),
+                             "r"(smem_addr(stage_of(q))), "r"(bytes)
+                             : "memory");
+            }
+        }
+        if (lane == 0) asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+    }
+    st.loaded += total;
+}
+
+// Lays out staged rows j0 .. j0 + n - 1, all arrived: records their slots' rows (a dispatch),
+// then copies the payload and the scales to every such row. One warp.
+__device__ void expand_rows(const EpDims& dm, const EpExpand& ex, int j0, int n, BulkStages& st, int lane) {
+    const int K = dm.topk, S = dm.scale_cols;
+    if (ex.group_base) {
+        for (int j = j0; j < j0 + n; ++j) record_row(dm, ex, j, lane);
+        __syncwarp();
+    }
+    const int* exp_rows = reinterpret_cast<const int*>(ex.exp_rows);
+    if (rows_vectorize(dm, ex) && st.chunk > 0) {
+        copy_rows_bulk(dm, ex, j0, n, st, lane);
+    } else if (rows_vectorize(dm, ex)) {
+        for (int j = j0; j < j0 + n; ++j)
+            copy_row_direct(dm, ex, j, lane < K ? exp_rows[static_cast<int64_t>(j) * K + lane] : -1, lane);
+    } else {
+        for (int j = j0; j < j0 + n; ++j) {
+            for (int k = 0; k < K; ++k) {
+                const int r = exp_rows[static_cast<int64_t>(j) * K + k];
+                if (r >= 0)
+                    copy_staged_row(dm, reinterpret_cast<const uint8_t*>(ex.stage_x), nullptr, j, ex.out_row_bytes,
+                                    reinterpret_cast<uint8_t*>(ex.out_x), nullptr, r, lane);
+            }
+        }
+    }
+    for (int j = j0; S > 0 && ex.out_scales && j < j0 + n; ++j) {
+        for (int k = 0; k < K; ++k) {
+            const int r = exp_rows[static_cast<int64_t>(j) * K + k];
+            if (r < 0) continue;
+            const float* from = reinterpret_cast<const float*>(ex.stage_scales) + static_cast<int64_t>(j) * S;
+            float* to = reinterpret_cast<float*>(ex.out_scales) + static_cast<int64_t>(r) * S;
+            for (int i = lane; i < S; i += 32) to[i] = from[i];
+        }
+    }
+}
+
+// One laying-out warp's share of the staged rows: items `warp`, `warp + warps`, ... of (group of
+// rows, source), sources interleaved as the senders send, each once its arrival chunk is
+// complete. Groups are of 8 rows when there are enough to keep every warp busy, down to 1 for
+// few tokens. A dispatch first marks the padding rows. False once the call failed.
+__device__ bool expand_arrivals(const EpDims& dm, const EpExpand& ex, uint8_t* region, int region_bytes, int warp,
+                                int warps, int* err) {
+    const int W = dm.world, lane = threadIdx.x & 31;
+    BulkStages st = bulk_stages(region, region_bytes, lane);
+    const int* recv_base = reinterpret_cast<const int*>(ex.recv_base);
+    if (ex.group_base) mark_padding(dm, ex, warp, warps);
+    int most = 0;
+    for (int s = 0; s < W; ++s) most = max(most, recv_base[s + 1] - recv_base[s]);
+    int group = 8;  // divides EP_CHUNK_TOKENS, so a group lies in one arrival chunk
+    while (group > 1 && (most + group - 1) / group * W < 2 * warps) group /= 2;
+    const int items = (most + group - 1) / group * W;
+    for (int item = warp; item < items; item += warps) {
+        const int s = (item % W + dm.rank) % W;
+        const int first = item / W * group, rows = recv_base[s + 1] - recv_base[s];
+        if (first >= rows) continue;
+        const int c = first / EP_CHUNK_TOKENS;
+        const unsigned expected = min(EP_CHUNK_TOKENS, rows - c * EP_CHUNK_TOKENS);
+        if (!wait_arrivals(dm, s, c, expected, err)) break;
+        expand_rows(dm, ex, recv_base[s] + first, min(group, rows - first), st, lane);
+    }
+    // The last bulk stores read the stages until they are done.
+    if (lane == 0 && st.chunk > 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+    return !failed(err);
+}
+
+// Sends every token once to each of its destination ranks (send_rows), one warp per (token,
+// destination) so every destination's link is busy at once. A replay begins its call
+// (dm.begins_call): it first publishes its own receive slot `recv_slot` and waits until every
+// rank entered. Without a layout here (ex.send_warps 0), every warp sends and the last block
+// raises the data flag on every peer for the layout kernel. Expert-major (ex.send_warps > 0),
+// ex.send_warps warps of each block send and the others lay this rank's rows out as they arrive
+// (expand_arrivals), each with `stage_bytes` of the dynamic shared memory for its bulk copies
+// ((32 - send_warps) x stage_bytes per block, a multiple of 128 each); the last block then resets
+// the arrival counters, all full by then.
+extern "C" __global__ void __launch_bounds__(1024)
+    ep_dispatch_send(EpPeers peers, EpDims dm, const uint8_t* x, const float* scales, const void* topk, int idx64,
+                     const float* weights, const int* expert_rank, const int* local_index, const int* pos,
+                     const int* my_base_on, const int* slot_rank, int num_tokens, int payload_only, int recv_slot,
+                     EpExpand ex, int stage_bytes, unsigned* done, int* err) {
+    const bool go = (dm.begins_call ? enter_call(peers, dm, recv_slot, err) : true) && block_ok(err);
+    const int per_block = static_cast<int>(blockDim.x >> 5), w = static_cast<int>(threadIdx.x >> 5);
+    const bool lays_out = ex.send_warps > 0;
+    const int send_warps = lays_out ? min(ex.send_warps, per_block - 1) : per_block;
+    if (go && w < send_warps) {
+        send_rows(peers, dm, x, scales, topk, idx64, weights, expert_rank, local_index, pos, my_base_on, slot_rank,
+                  num_tokens, payload_only, lays_out, blockIdx.x * send_warps + w, gridDim.x * send_warps);
+    } else if (go) {
+        const int layout_warps = per_block - send_warps;
+        extern __shared__ __align__(128) uint8_t layout_stages[];  // layout_warps x stage_bytes
+        expand_arrivals(dm, ex, layout_stages + static_cast<int64_t>(w - send_warps) * stage_bytes, stage_bytes,
+                        blockIdx.x * layout_warps + (w - send_warps), gridDim.x * layout_warps, err);
+    }
+    if (!arrive_last(done)) return;
+    if (lays_out && !failed(err)) {
+        const int chunks = (dm.max_tokens + EP_CHUNK_TOKENS - 1) / EP_CHUNK_TOKENS;
+        for (int i = threadIdx.x; i < dm.world * chunks; i += blockDim.x) {
+            *arrival_counter(dm.my_signals, dm, i / chunks, i % chunks) = 0u;
+        }
+    }
+    if (!lays_out) signal_all(peers, dm, EP_SIG_DATA);
+    __syncthreads();
+    if (threadIdx.x == 0) commit_call(dm);
 }
 
 // A call of its own (dm.begins_call): waits until every rank reached it, in stream order. One
@@ -540,81 +893,6 @@ extern "C" __global__ void __launch_bounds__(1024)
         if (out_weights) out_weights[static_cast<int64_t>(rows) * K + i] = 0.f;
     }
     for (int64_t i = thread_id(); i < unused * 2; i += thread_count()) out_src[2 * static_cast<int64_t>(rows) + i] = -1;
-}
-
-// Expert-major layout, metadata part: waits for every rank's rows; block g walks the staged rows
-// in (source, token) order and gives each slot of local expert g the next row of group g, so
-// groups keep (s, t, k) order. Records the expansion `exp_rows[j * K + k]` (-1 for slots elsewhere,
-// written by block 0) and each row's weight for the handle, and marks padding rows (src and
-// local_expert -1, weight 0): block g its group's, every block a stripe of the rows past the last
-// group.
-extern "C" __global__ void __launch_bounds__(1024)
-    ep_layout_expert_major(EpDims dm, const int* stage_meta, const int* recv_base, const int* offsets,
-                           const int* per_expert, int out_rows, int has_weights, float* out_weights, int* out_src,
-                           int* out_local_expert, int* exp_rows, float* row_weights, int* row_src, int* err) {
-    if (!wait_all(dm, EP_SIG_DATA, err)) return;
-    const int g = blockIdx.x, K = dm.topk, rows = recv_base[dm.world];
-    int running = offsets[g];
-    for (int base = 0; base < rows; base += blockDim.x) {
-        const int j = base + threadIdx.x;
-        const int* meta = stage_meta + static_cast<int64_t>(j) * EP_META_INTS(K);
-        int mine = 0;
-        if (j < rows) {
-            for (int k = 0; k < K; ++k) mine += meta[2 + k] == g;
-        }
-        int total;
-        int at = running + block_exclusive_scan(mine, &total);
-        if (j < rows) {
-            if (g == 0) {
-                row_src[2 * j] = meta[0];
-                row_src[2 * j + 1] = meta[1];
-                for (int k = 0; k < K; ++k) {
-                    if (meta[2 + k] < 0) exp_rows[static_cast<int64_t>(j) * K + k] = -1;
-                }
-            }
-            for (int k = 0; k < K && mine > 0; ++k) {
-                if (meta[2 + k] != g) continue;
-                const float w = __int_as_float(meta[2 + K + k]);
-                exp_rows[static_cast<int64_t>(j) * K + k] = at;
-                out_src[3 * at] = meta[0];
-                out_src[3 * at + 1] = meta[1];
-                out_src[3 * at + 2] = k;
-                out_local_expert[at] = g;
-                if (out_weights) out_weights[at] = w;
-                row_weights[at] = has_weights ? w : 1.f;
-                ++at;
-            }
-        }
-        running += total;
-    }
-    const auto mark_padding = [&](int64_t r) {
-        out_src[3 * r] = -1;
-        out_src[3 * r + 1] = -1;
-        out_src[3 * r + 2] = -1;
-        out_local_expert[r] = -1;
-        if (out_weights) out_weights[r] = 0.f;
-    };
-    if (g < dm.num_local) {
-        for (int r = offsets[g] + per_expert[g] + threadIdx.x; r < offsets[g + 1]; r += blockDim.x) mark_padding(r);
-    }
-    for (int64_t r = offsets[dm.num_local] + thread_id(); r < out_rows; r += thread_count()) mark_padding(r);
-}
-
-// Expert-major layout, payload part: once every rank's rows arrived (a replay has no layout kernel
-// before it that waited), copies staged row j to every row its slots expand to. One warp per
-// staged row.
-extern "C" __global__ void __launch_bounds__(1024)
-    ep_expand_rows(EpDims dm, const uint8_t* stage_x, const float* stage_scales, const int* recv_base,
-                   const int* exp_rows, int out_row_bytes, uint8_t* out_x, float* out_scales, int* err) {
-    if (!wait_all(dm, EP_SIG_DATA, err)) return;
-    const int lane = threadIdx.x & 31;
-    const int K = dm.topk, rows = recv_base[dm.world];
-    for (int j = warp_id(); j < rows; j += warp_count()) {
-        for (int k = 0; k < K; ++k) {
-            const int r = exp_rows[static_cast<int64_t>(j) * K + k];
-            if (r >= 0) copy_staged_row(dm, stage_x, stage_scales, j, out_row_bytes, out_x, out_scales, r, lane);
-        }
-    }
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -28,8 +28,14 @@
 // picked for the call (which part of its staging buffers peers write this call's rows into).
 #define EP_INBOX_ROW(world, E) ((world) + (E) + 1)
 
-// Staged row metadata: source rank, token, K local slot ids (-1 elsewhere), K weights (f32 bits).
-#define EP_META_INTS(K) (2 + 2 * (K))
+// Staged row metadata: source rank, token, K local slot ids (-1 elsewhere), K weights (f32 bits),
+// K ranks (expert-major: slot k's place among the source's slots of its expert, in (t, k) order).
+#define EP_META_INTS(K) (2 + 3 * (K))
+
+// The route kernel ranks each slot among the source's slots of its expert with a per-warp
+// histogram of every expert in shared memory: int [warps][E] within this many ints (fewer warps
+// as E grows); past one warp's worth, in a global scratch of int [32][E] the caller provides.
+#define EP_RANK_SHARED_INTS 11264
 
 // Addresses of every rank's shared buffers, as this rank maps them.
 struct EpPeers {
@@ -40,6 +46,31 @@ struct EpPeers {
     uint64_t stage_meta[EP_MAX_WORLD];    // i32 [slots][world * max_tokens][EP_META_INTS(K)]
     uint64_t back[EP_MAX_WORLD];          // combine dtype [world][max_tokens][H]
     uint64_t back_side[EP_MAX_WORLD];     // f32 [world][max_tokens][K]
+};
+
+// Expert-major rows laid out by the send kernel's receiving warps as each source's rows arrive
+// (ep_dispatch_send). Addresses are this rank's; 0 for absent ones.
+struct EpExpand {
+    uint64_t stage_x;           // this call's receive slot: payload rows
+    uint64_t stage_scales;      //   and their scales
+    uint64_t stage_meta;        //   and their metadata (a dispatch, not a replay)
+    uint64_t recv_base;         // i32 [world + 1]: first staged row of each source
+    uint64_t group_base;        // i32 [world][E_local]: first row of (source, local expert) in the
+                                // output; 0 in a replay, which reads exp_rows instead
+    uint64_t offsets;           // i32 [E_local + 1]: the aligned group starts
+    uint64_t per_expert;        // i32 [E_local]: rows of each group
+    uint64_t exp_rows;          // i32 [world * max_tokens][K]: output row of each staged slot
+    uint64_t out_x;             // [out_rows][out_row_bytes]
+    uint64_t out_scales;        // f32 [out_rows][S], or 0
+    uint64_t out_src;           // i32 [out_rows][3] (dispatch only, as the next four)
+    uint64_t out_local_expert;  // i32 [out_rows]
+    uint64_t out_weights;       // f32 [out_rows], or 0
+    uint64_t row_weights;       // f32 [out_rows]: the handle's weights (1 without weights)
+    uint64_t row_src;           // i32 [world * max_tokens][2]: (source, token) of each staged row
+    int out_row_bytes;
+    int out_rows;
+    int has_weights;
+    int send_warps;  // warps of each block that send; the others lay out. 0: no layout here
 };
 
 struct EpDims {

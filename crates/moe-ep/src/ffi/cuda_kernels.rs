@@ -27,7 +27,20 @@ pub(crate) const SIDE_EXPANDED: i32 = 3;
 
 /// Ints of metadata per staged row (EP_META_INTS).
 pub(crate) fn meta_ints(topk: usize) -> usize {
-    2 + 2 * topk
+    2 + 3 * topk
+}
+
+/// Experts the route kernel ranks slots of in shared memory (EP_RANK_SHARED_INTS); past that it
+/// takes a scratch of i32 [32][E] (`rank_scratch_ints`).
+pub(crate) const RANK_SHARED_INTS: usize = 11264;
+
+/// Ints of the route kernel's global rank scratch for `num_experts` experts (0: none needed).
+pub(crate) fn rank_scratch_ints(num_experts: usize) -> usize {
+    if num_experts <= RANK_SHARED_INTS {
+        0
+    } else {
+        32 * num_experts
+    }
 }
 
 /// `struct EpPeers` of moe_ep.h: every rank's shared buffer addresses.
@@ -67,6 +80,34 @@ pub(crate) struct EpDims {
     pub timeout_ns: u64,
 }
 
+/// `struct EpExpand` of moe_ep.h: the expert-major layout `ep_dispatch_send`'s receiving warps
+/// write as rows arrive (device addresses; 0 for absent ones; `send_warps` 0: no layout there).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct EpExpand {
+    pub stage_x: u64,
+    pub stage_scales: u64,
+    pub stage_meta: u64,
+    pub recv_base: u64,
+    /// `[world][E_local]` first output row of each (source, local expert); 0 in a replay.
+    pub group_base: u64,
+    pub offsets: u64,
+    pub per_expert: u64,
+    /// `[world * max_tokens][K]`: written from the metadata, or read in a replay.
+    pub exp_rows: u64,
+    pub out_x: u64,
+    pub out_scales: u64,
+    pub out_src: u64,
+    pub out_local_expert: u64,
+    pub out_weights: u64,
+    pub row_weights: u64,
+    pub row_src: u64,
+    pub out_row_bytes: i32,
+    pub out_rows: i32,
+    pub has_weights: i32,
+    pub send_warps: i32,
+}
+
 /// What the send-back half of `ep_combine` reads (device addresses; 0 for absent ones).
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct CombineSend {
@@ -101,6 +142,7 @@ enum Arg {
     Int(i32),
     Peers(Box<EpPeers>),
     Dims(EpDims),
+    Expand(EpExpand),
 }
 
 impl Arg {
@@ -110,6 +152,7 @@ impl Arg {
             Arg::Int(v) => v as *mut i32 as *mut c_void,
             Arg::Peers(p) => &mut **p as *mut EpPeers as *mut c_void,
             Arg::Dims(d) => d as *mut EpDims as *mut c_void,
+            Arg::Expand(e) => e as *mut EpExpand as *mut c_void,
         }
     }
 }
@@ -142,11 +185,11 @@ pub(crate) struct Kernels {
     dispatch_send: CudaFunction,
     barrier: CudaFunction,
     layout_token_major: CudaFunction,
-    layout_expert_major: CudaFunction,
-    expand_rows: CudaFunction,
     typed: Vec<(Elem, Typed)>,
     /// Dynamic shared memory `ep_combine_*` may take for its expert-major gather rings.
     ring_bytes: u32,
+    /// Dynamic shared memory `ep_dispatch_send` may take for its laying-out warps' bulk copies.
+    layout_shared_bytes: u32,
 }
 
 /// The most dynamic shared memory the gather rings of `ep_combine_*` take per block: 16 vectors
@@ -157,14 +200,30 @@ const RING_BYTES: u32 = 128 * 1024;
 const RING_VECS_MAX: u32 = 16;
 /// Bytes of a ring per vector slot: 32 lanes of 16 bytes.
 const RING_BYTES_PER_VEC: u32 = 32 * 16;
+/// Bulk-copy stages of a laying-out warp of `ep_dispatch_send`, and the bytes before them (their
+/// mbarriers), as in moe_ep.cu (kBulkStages, kBulkHeader).
+const LAYOUT_STAGES: u32 = 4;
+const LAYOUT_HEADER: u32 = 128;
+/// Shared memory per laying-out warp of `ep_dispatch_send`, at most: MOE_EP_LAYOUT_STAGE_BYTES
+/// when set (0: no bulk copies, the rows go through registers), else unbounded.
+fn layout_stage_bytes_max() -> u32 {
+    static BYTES: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *BYTES.get_or_init(|| {
+        std::env::var("MOE_EP_LAYOUT_STAGE_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(u32::MAX)
+    })
+}
 
-const PLAIN: [&str; 6] = [
+/// Shared memory the kernels keep for their static variables, below the opt-in limit.
+const STATIC_SHARED_RESERVE: u32 = 16 * 1024;
+
+const PLAIN: [&str; 4] = [
     "ep_route_notify",
     "ep_dispatch_send",
     "ep_barrier",
     "ep_layout_token_major",
-    "ep_layout_expert_major",
-    "ep_expand_rows",
 ];
 
 /// Grid and block of a launch (1-D).
@@ -236,13 +295,22 @@ impl Kernels {
                 sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
             )
             .map_err(|e| describe("reading the shared memory limit", e))?;
-        let ring_bytes =
-            RING_BYTES.min(u32::try_from(opt_in).unwrap_or(0).saturating_sub(16 * 1024));
+        let dynamic_limit = u32::try_from(opt_in)
+            .unwrap_or(0)
+            .saturating_sub(STATIC_SHARED_RESERVE);
+        let ring_bytes = RING_BYTES.min(dynamic_limit);
+        let layout_shared_bytes = dynamic_limit;
         let mut typed_fns = f.split_off(PLAIN.len()).into_iter();
         let mut plain = f.into_iter();
         let mut next = || plain.next().expect("one function per name");
-        let (route_notify, dispatch_send, barrier) = (next(), next(), next());
-        let (layout_token_major, layout_expert_major, expand_rows) = (next(), next(), next());
+        let (route_notify, dispatch_send) = (next(), next());
+        dispatch_send
+            .set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                layout_shared_bytes as i32,
+            )
+            .map_err(|e| describe("allowing ep_dispatch_send its shared memory", e))?;
+        let (barrier, layout_token_major) = (next(), next());
         let typed = ELEMS
             .iter()
             .map(|&(elem, _)| {
@@ -270,10 +338,9 @@ impl Kernels {
             dispatch_send,
             barrier,
             layout_token_major,
-            layout_expert_major,
-            expand_rows,
             typed,
             ring_bytes,
+            layout_shared_bytes,
         })
     }
 
@@ -287,6 +354,7 @@ impl Kernels {
     }
 
     /// A dispatch's first kernel: routing, then the count exchange (world + 1 blocks).
+    /// Expert-major (`slot_rank` given), also each slot's rank in its expert and `group_base`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn route_notify(
         &self,
@@ -303,11 +371,14 @@ impl Kernels {
         recv_slot: i32,
         pos: u64,
         counts: u64,
+        slot_rank: u64,
+        rank_scratch: u64,
         recv_base: u64,
         my_base_on: u64,
         out_per_src: u64,
         out_per_expert: u64,
         out_offsets: u64,
+        group_base: u64,
         done: u64,
         err: u64,
     ) -> Result<(), String> {
@@ -328,11 +399,14 @@ impl Kernels {
             Arg::Int(recv_slot),
             Arg::Ptr(pos),
             Arg::Ptr(counts),
+            Arg::Ptr(slot_rank),
+            Arg::Ptr(rank_scratch),
             Arg::Ptr(recv_base),
             Arg::Ptr(my_base_on),
             Arg::Ptr(out_per_src),
             Arg::Ptr(out_per_expert),
             Arg::Ptr(out_offsets),
+            Arg::Ptr(group_base),
             Arg::Ptr(done),
             Arg::Ptr(err),
         ];
@@ -355,6 +429,8 @@ impl Kernels {
         launch(s, &self.barrier, grid, args, "ep_barrier")
     }
 
+    /// Sends every token to its destinations; with `expand.send_warps` > 0, the other warps of
+    /// each block lay the arriving rows out expert-major, through rings in shared memory.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn dispatch_send(
         &self,
@@ -371,12 +447,35 @@ impl Kernels {
         local_index: u64,
         pos: u64,
         my_base_on: u64,
+        slot_rank: u64,
         num_tokens: i32,
         payload_only: bool,
         recv_slot: i32,
+        expand: EpExpand,
         done: u64,
         err: u64,
     ) -> Result<(), String> {
+        // The kernel keeps at least one sending warp per block.
+        let layout_warps = match expand.send_warps {
+            0 => 0,
+            w => grid.threads / 32 - (w as u32).min(grid.threads / 32 - 1),
+        };
+        // Each laying-out warp's bulk-copy stages: whole rows when they fit, in 128-byte units.
+        let stage_bytes = match layout_warps {
+            0 => 0,
+            l => {
+                let whole_rows = LAYOUT_HEADER + LAYOUT_STAGES * dm.x_row_bytes.max(0) as u32;
+                let bytes = whole_rows
+                    .min(self.layout_shared_bytes / l)
+                    .min(layout_stage_bytes_max())
+                    & !127;
+                if bytes >= LAYOUT_HEADER + LAYOUT_STAGES * 16 {
+                    bytes
+                } else {
+                    0
+                }
+            }
+        };
         let args = vec![
             Arg::Peers(Box::new(*peers)),
             Arg::Dims(dm),
@@ -389,13 +488,24 @@ impl Kernels {
             Arg::Ptr(local_index),
             Arg::Ptr(pos),
             Arg::Ptr(my_base_on),
+            Arg::Ptr(slot_rank),
             Arg::Int(num_tokens),
             Arg::Int(payload_only as i32),
             Arg::Int(recv_slot),
+            Arg::Expand(expand),
+            Arg::Int(stage_bytes as i32),
             Arg::Ptr(done),
             Arg::Ptr(err),
         ];
-        launch(s, &self.dispatch_send, grid, args, "ep_dispatch_send")
+        let shared = layout_warps * stage_bytes;
+        launch_with_shared(
+            s,
+            &self.dispatch_send,
+            grid,
+            shared,
+            args,
+            "ep_dispatch_send",
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -445,84 +555,6 @@ impl Kernels {
             args,
             "ep_layout_token_major",
         )
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn layout_expert_major(
-        &self,
-        s: &Stream,
-        dm: EpDims,
-        stage_meta: u64,
-        recv_base: u64,
-        offsets: u64,
-        per_expert: u64,
-        out_rows: i32,
-        has_weights: bool,
-        out_weights: u64,
-        out_src: u64,
-        out_local_expert: u64,
-        exp_rows: u64,
-        row_weights: u64,
-        row_src: u64,
-        err: u64,
-    ) -> Result<(), String> {
-        // One block per local expert; with no local expert, block 0 still records row_src.
-        let grid = Grid {
-            blocks: (dm.num_local as u32).max(1),
-            threads: 1024,
-        };
-        let args = vec![
-            Arg::Dims(dm),
-            Arg::Ptr(stage_meta),
-            Arg::Ptr(recv_base),
-            Arg::Ptr(offsets),
-            Arg::Ptr(per_expert),
-            Arg::Int(out_rows),
-            Arg::Int(has_weights as i32),
-            Arg::Ptr(out_weights),
-            Arg::Ptr(out_src),
-            Arg::Ptr(out_local_expert),
-            Arg::Ptr(exp_rows),
-            Arg::Ptr(row_weights),
-            Arg::Ptr(row_src),
-            Arg::Ptr(err),
-        ];
-        launch(
-            s,
-            &self.layout_expert_major,
-            grid,
-            args,
-            "ep_layout_expert_major",
-        )
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn expand_rows(
-        &self,
-        s: &Stream,
-        grid: Grid,
-        dm: EpDims,
-        stage_x: u64,
-        stage_scales: u64,
-        recv_base: u64,
-        exp_rows: u64,
-        out_row_bytes: i32,
-        out_x: u64,
-        out_scales: u64,
-        err: u64,
-    ) -> Result<(), String> {
-        let args = vec![
-            Arg::Dims(dm),
-            Arg::Ptr(stage_x),
-            Arg::Ptr(stage_scales),
-            Arg::Ptr(recv_base),
-            Arg::Ptr(exp_rows),
-            Arg::Int(out_row_bytes),
-            Arg::Ptr(out_x),
-            Arg::Ptr(out_scales),
-            Arg::Ptr(err),
-        ];
-        launch(s, &self.expand_rows, grid, args, "ep_expand_rows")
     }
 
     /// The combine-direction call in one kernel: send back, and reduce each chunk of tokens as

@@ -22,7 +22,8 @@ pub(crate) struct SharedBuffers {
     pub stage_x: SharedBuffer,
     /// f32 [STAGE_SLOTS][world * max_tokens][S].
     pub stage_scales: SharedBuffer,
-    /// i32 [STAGE_SLOTS][world * max_tokens][2 + 2K]: (source, token, local slot ids, weights).
+    /// i32 [STAGE_SLOTS][world * max_tokens][2 + 3K]: (source, token, local slot ids, weights,
+    /// expert-major ranks).
     pub stage_meta: SharedBuffer,
     /// combine dtype [world][max_tokens][H]: rows sent back here, per destination.
     pub back: SharedBuffer,

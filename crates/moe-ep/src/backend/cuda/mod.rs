@@ -16,8 +16,8 @@ use crate::config::{EpConfig, Layout, OutputSizing};
 use crate::dtype::DType;
 use crate::error::{EpError, Result};
 use crate::ffi::cuda_kernels::{
-    self as k, ptr_or_null, Elem, EpDims, EpPeers, Grid, Kernels, SIDE_EXPANDED, SIDE_NONE,
-    SIDE_ROW_K, SIDE_ROW_K_OWNED, SIG_DATA2,
+    self as k, ptr_or_null, Elem, EpDims, EpExpand, EpPeers, Grid, Kernels, SIDE_EXPANDED,
+    SIDE_NONE, SIDE_ROW_K, SIDE_ROW_K_OWNED, SIG_DATA2,
 };
 use crate::ffi::cuda_memory::{self as mem, PeerMapping, StreamBuffer, IPC_HANDLE_BYTES};
 use crate::ffi::cuda_stream::Stream;
@@ -527,7 +527,9 @@ impl CudaBackend {
     }
 
     /// Sends a payload along a recorded routing into every destination's staging buffer, as the
-    /// call's first kernel (`dm.begins_call`: it waits until every rank entered the call).
+    /// call's first kernel (`dm.begins_call`: it waits until every rank entered the call), with
+    /// the expert-major layout of the arriving rows when `expand` asks for it.
+    #[allow(clippy::too_many_arguments)]
     fn send_payload(
         &self,
         dm: EpDims,
@@ -536,6 +538,7 @@ impl CudaBackend {
         scales: Option<u64>,
         num_tokens: usize,
         slot: &RecvSlot,
+        expand: EpExpand,
     ) -> Result<()> {
         let r = self.kernels.dispatch_send(
             self.stream(),
@@ -551,9 +554,11 @@ impl CudaBackend {
             self.local_index.ptr(),
             h.pos.ptr(),
             h.my_base_on.ptr(),
+            0,
             i32_of(num_tokens),
             true,
             i32_of(slot.index),
+            expand,
             self.done.ptr(),
             self.err.ptr(),
         );
@@ -625,9 +630,9 @@ impl CudaBackend {
         self.shared.stage_row_bytes == self.config.hidden * dtype.size()
     }
 
-    /// Once every rank's rows arrived, lays the staged payload out in the recorded rows:
-    /// `[out_rows, H]` of `dtype`, and the scales when `with_scales` (the dispatcher has scale
-    /// columns and the payload carried them).
+    /// Token-major: once every rank's rows arrived, lays the staged payload out in the recorded
+    /// rows: `[out_rows, H]` of `dtype`, and the scales when `with_scales` (the dispatcher has
+    /// scale columns and the payload carried them).
     #[allow(clippy::too_many_arguments)]
     fn place_payload(
         &self,
@@ -640,7 +645,6 @@ impl CudaBackend {
     ) -> Result<(Tensor, Option<Tensor>)> {
         let hidden = self.config.hidden;
         let (x, scales, in_place) = self.payload_tensors(out_rows, dtype, with_scales, slot)?;
-        let out_row_bytes = i32_of(hidden * dtype.size());
         let (x_ptr, sc_ptr) = match in_place {
             true => (0, 0),
             false => (
@@ -649,43 +653,54 @@ impl CudaBackend {
             ),
         };
         let stage = self.shared.slot(slot.index);
-        let r = match &h.exp_rows {
-            None => self.kernels.layout_token_major(
-                self.stream(),
-                self.grid(),
-                dm,
-                stage.x,
-                stage.scales,
-                stage.meta,
-                h.recv_base.ptr(),
-                true,
-                out_row_bytes,
-                i32_of(out_rows),
-                x_ptr,
-                sc_ptr,
-                0,
-                0,
-                0,
-                0,
-                0,
-                self.err.ptr(),
-            ),
-            Some(exp_rows) => self.kernels.expand_rows(
-                self.stream(),
-                self.grid(),
-                dm,
-                stage.x,
-                stage.scales,
-                h.recv_base.ptr(),
-                exp_rows.ptr(),
-                out_row_bytes,
-                x_ptr,
-                sc_ptr,
-                self.err.ptr(),
-            ),
-        };
+        let r = self.kernels.layout_token_major(
+            self.stream(),
+            self.grid(),
+            dm,
+            stage.x,
+            stage.scales,
+            stage.meta,
+            h.recv_base.ptr(),
+            true,
+            i32_of(hidden * dtype.size()),
+            i32_of(out_rows),
+            x_ptr,
+            sc_ptr,
+            0,
+            0,
+            0,
+            0,
+            0,
+            self.err.ptr(),
+        );
         self.check(r)?;
         Ok((x, scales))
+    }
+
+    /// The expert-major layout the send kernel's receiving warps write into `x` (and `scales`)
+    /// from this call's receive slot `slot`; the caller adds what a dispatch also records.
+    fn expand_into(
+        &self,
+        slot: &RecvSlot,
+        h: &CudaHandle,
+        x: &Tensor,
+        scales: Option<&Tensor>,
+    ) -> EpExpand {
+        let stage = self.shared.slot(slot.index);
+        EpExpand {
+            stage_x: stage.x,
+            stage_scales: stage.scales,
+            stage_meta: stage.meta,
+            recv_base: h.recv_base.ptr(),
+            offsets: h.offsets_ptr(),
+            exp_rows: h.exp_rows.as_ref().map_or(0, StreamBuffer::ptr),
+            out_x: x.device_ptr().expect("device tensor"),
+            out_scales: ptr_or_null(scales.and_then(Tensor::device_ptr)),
+            out_row_bytes: i32_of(x.dims()[1] * x.dtype().size()),
+            out_rows: i32_of(x.dims()[0]),
+            send_warps: dispatch_send_warps(),
+            ..EpExpand::default()
+        }
     }
 
     /// A whole call in the reverse direction, one kernel: each staged row goes back to its source
@@ -798,13 +813,24 @@ impl CudaBackend {
 /// MOE_EP_COMBINE_SEND_WARPS (1..31) overrides both, for measuring the split.
 fn combine_send_warps(expert_major: bool) -> i32 {
     static WARPS: std::sync::OnceLock<Option<i32>> = std::sync::OnceLock::new();
-    let set = *WARPS.get_or_init(|| {
-        std::env::var("MOE_EP_COMBINE_SEND_WARPS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|w| (1..32).contains(w))
-    });
+    let set = *WARPS.get_or_init(|| warps_from_env("MOE_EP_COMBINE_SEND_WARPS"));
     set.unwrap_or(if expert_major { 24 } else { 16 })
+}
+
+/// Warps of each block of an expert-major dispatch's send kernel that send; the others lay the
+/// arriving rows out (docs/perf-notes.md, v5). MOE_EP_DISPATCH_SEND_WARPS (1..31) overrides it.
+fn dispatch_send_warps() -> i32 {
+    static WARPS: std::sync::OnceLock<Option<i32>> = std::sync::OnceLock::new();
+    let set = *WARPS.get_or_init(|| warps_from_env("MOE_EP_DISPATCH_SEND_WARPS"));
+    set.unwrap_or(16)
+}
+
+/// A warp count of 1..31 from the environment variable `name`, if set to one.
+fn warps_from_env(name: &str) -> Option<i32> {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|w| (1..32).contains(w))
 }
 
 impl Drop for CudaBackend {
@@ -953,7 +979,7 @@ impl Backend for CudaBackend {
         // handle's state, and the metadata outputs (each group is dropped together). The payload
         // comes later: it may be the receive slot itself.
         let em = expert_major.is_some();
-        let [pos, counts, recv_base, my_base_on, row_src, row_map, row_weights] =
+        let [pos, counts, recv_base, my_base_on, row_src, row_map, row_weights, slot_rank, group_base, rank_scratch] =
             StreamBuffer::carve(
                 self.stream(),
                 [
@@ -964,6 +990,9 @@ impl Backend for CudaBackend {
                     stage_rows * 2 * 4,
                     stage_rows * kk * 4,
                     if em { cap * 4 } else { 0 },
+                    if em { num_tokens * kk * 4 } else { 0 },
+                    if em { world * num_local * 4 } else { 0 },
+                    k::rank_scratch_ints(c.num_experts) * 4,
                 ],
             )
             .map_err(device_error)?;
@@ -993,6 +1022,7 @@ impl Backend for CudaBackend {
         let row_w = has_weights
             .then(|| Tensor::on_device(row_w, &row_dims, DType::F32))
             .transpose()?;
+        let only_em = |b: &StreamBuffer| if em { b.ptr() } else { 0 };
         let topk = ptr_of(&args.topk_idx);
         let idx64 = args.topk_idx.dtype() == DType::I64;
         let r = self.kernels.route_notify(
@@ -1009,15 +1039,56 @@ impl Backend for CudaBackend {
             i32_of(slot.index),
             pos.ptr(),
             counts.ptr(),
+            only_em(&slot_rank),
+            match k::rank_scratch_ints(c.num_experts) {
+                0 => 0,
+                _ => rank_scratch.ptr(),
+            },
             recv_base.ptr(),
             my_base_on.ptr(),
             per_src.device_ptr().expect("device"),
             per_expert.device_ptr().expect("device"),
             ptr_or_null(offsets.as_ref().and_then(Tensor::device_ptr)),
+            only_em(&group_base),
             self.done.ptr(),
             self.err.ptr(),
         );
         self.check(r)?;
+
+        let src_ptr = src.device_ptr().expect("device");
+        let mut handle = CudaHandle {
+            pos,
+            recv_base,
+            my_base_on,
+            row_src,
+            row_slots: None,
+            exp_rows: None,
+            row_weights: None,
+            offsets: offsets.clone(),
+        };
+        // The payload: token-major possibly the receive slot itself; expert-major rows the send
+        // kernel lays out as they arrive, with everything the dispatch records about them.
+        let (x, scales, in_place) = self.payload_tensors(cap, c.dtype, true, &slot)?;
+        let mut row_map = Some(row_map);
+        let expand = match em {
+            false => EpExpand::default(),
+            true => {
+                handle.exp_rows = row_map.take();
+                let row_weights_ptr = row_weights.ptr();
+                handle.row_weights = Some(row_weights);
+                EpExpand {
+                    group_base: group_base.ptr(),
+                    per_expert: per_expert.device_ptr().expect("device"),
+                    out_src: src_ptr,
+                    out_local_expert: row_ids.device_ptr().expect("device"),
+                    out_weights: ptr_or_null(row_w.as_ref().and_then(Tensor::device_ptr)),
+                    row_weights: row_weights_ptr,
+                    row_src: handle.row_src.ptr(),
+                    has_weights: has_weights as i32,
+                    ..self.expand_into(&slot, &handle, &x, scales.as_ref())
+                }
+            }
+        };
         let r = self.kernels.dispatch_send(
             self.stream(),
             self.grid(),
@@ -1030,34 +1101,25 @@ impl Backend for CudaBackend {
             ptr_or_null(args.weights.as_ref().map(ptr_of)),
             self.expert_rank.ptr(),
             self.local_index.ptr(),
-            pos.ptr(),
-            my_base_on.ptr(),
+            handle.pos.ptr(),
+            handle.my_base_on.ptr(),
+            only_em(&slot_rank),
             i32_of(num_tokens),
             false,
             -1,
+            expand,
             self.done.ptr(),
             self.err.ptr(),
         );
         self.check(r)?;
 
-        // The layout kernels wait for every rank's rows, then write every row of these (padding
-        // included: src -1 and so on, as docs/semantics.md states).
-        let src_ptr = src.device_ptr().expect("device");
-        let mut handle = CudaHandle {
-            pos,
-            recv_base,
-            my_base_on,
-            row_src,
-            row_slots: None,
-            exp_rows: None,
-            row_weights: None,
-            offsets: offsets.clone(),
-        };
-        let (topk_out, weights_out, local_expert) = match expert_major {
-            None => {
-                let (row_slots, topk_out, w) = (row_map, row_ids, row_w);
-                // The full layout below copies the payload with the metadata.
-                let (x, scales, in_place) = self.payload_tensors(cap, c.dtype, true, &slot)?;
+        // Token-major, the layout kernel waits for every rank's rows, then writes every row of
+        // these (padding included: src -1 and so on, as docs/semantics.md states); expert-major,
+        // the send kernel did.
+        let (topk_idx, weights_out, local_expert) = match em {
+            false => {
+                let row_slots = row_map.take().expect("token-major row slots");
+                let (topk_out, w) = (row_ids, row_w);
                 let payload_ptr = |t: Option<&Tensor>| match in_place {
                     true => 0,
                     false => ptr_or_null(t.and_then(Tensor::device_ptr)),
@@ -1084,42 +1146,9 @@ impl Backend for CudaBackend {
                 );
                 self.check(r)?;
                 handle.row_slots = Some(row_slots);
-                (Some((x, scales, topk_out)), w, None)
+                (Some(topk_out), w, None)
             }
-            Some(_) => {
-                let (exp_rows, local_expert, w) = (row_map, row_ids, row_w);
-                let r = self.kernels.layout_expert_major(
-                    self.stream(),
-                    dm,
-                    stage.meta,
-                    handle.recv_base.ptr(),
-                    offsets
-                        .as_ref()
-                        .and_then(Tensor::device_ptr)
-                        .expect("expert-major offsets"),
-                    per_expert.device_ptr().expect("device"),
-                    i32_of(cap),
-                    has_weights,
-                    ptr_or_null(w.as_ref().and_then(Tensor::device_ptr)),
-                    src_ptr,
-                    local_expert.device_ptr().expect("device"),
-                    exp_rows.ptr(),
-                    row_weights.ptr(),
-                    handle.row_src.ptr(),
-                    self.err.ptr(),
-                );
-                self.check(r)?;
-                handle.exp_rows = Some(exp_rows);
-                handle.row_weights = Some(row_weights);
-                (None, w, Some(local_expert))
-            }
-        };
-        let (x, scales, topk_idx) = match topk_out {
-            Some((x, scales, t)) => (x, scales, Some(t)),
-            None => {
-                let (x, scales) = self.place_payload(dm, &handle, cap, c.dtype, true, &slot)?;
-                (x, scales, None)
-            }
+            true => (None, row_w, Some(row_ids)),
         };
         let mut output = DispatchOutput {
             x,
@@ -1179,17 +1208,29 @@ impl Backend for CudaBackend {
         let h = cuda_state(handle);
         let dtype = self.config.dtype;
         let row_bytes = self.config.hidden * dtype.size();
-        let slot = self.pick_slot(h.exp_rows.is_none() && self.slot_holds_rows_of(dtype));
-        self.send_payload(
-            self.dims(row_bytes, true),
-            h,
-            ptr_of(&x),
-            scales.as_ref().map(ptr_of),
-            handle.num_tokens,
-            &slot,
-        )?;
-        let dm = self.dims(row_bytes, false);
-        let (x, scales) = self.place_payload(dm, h, handle.out_rows, dtype, true, &slot)?;
+        let token_major = h.exp_rows.is_none();
+        let slot = self.pick_slot(token_major && self.slot_holds_rows_of(dtype));
+        let first = self.dims(row_bytes, true);
+        let (x_in, scales_in) = (ptr_of(&x), scales.as_ref().map(ptr_of));
+        let (x, scales) = if token_major {
+            self.send_payload(
+                first,
+                h,
+                x_in,
+                scales_in,
+                handle.num_tokens,
+                &slot,
+                EpExpand::default(),
+            )?;
+            let dm = self.dims(row_bytes, false);
+            self.place_payload(dm, h, handle.out_rows, dtype, true, &slot)?
+        } else {
+            // The send kernel lays the rows out along the recorded expansion as they arrive.
+            let (x, scales, _) = self.payload_tensors(handle.out_rows, dtype, true, &slot)?;
+            let expand = self.expand_into(&slot, h, &x, scales.as_ref());
+            self.send_payload(first, h, x_in, scales_in, handle.num_tokens, &slot, expand)?;
+            (x, scales)
+        };
         self.finish_exact()?;
         Ok(CachedDispatchOutput { x, scales })
     }
@@ -1262,7 +1303,15 @@ impl Backend for CudaBackend {
         let first = self.dims(row_bytes, true);
         let slot = self.pick_slot(h.exp_rows.is_none() && self.slot_holds_rows_of(cd));
         let grad = ptr_of(&grad_out);
-        self.send_payload(first, h, grad, None, handle.num_tokens, &slot)?;
+        self.send_payload(
+            first,
+            h,
+            grad,
+            None,
+            handle.num_tokens,
+            &slot,
+            EpExpand::default(),
+        )?;
         let dm = self.dims(row_bytes, false);
         let Some(exp_rows) = &h.exp_rows else {
             // Token-major combine is an unweighted sum: its backward is a replay of grad_out.
