@@ -52,6 +52,7 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
     return t;
 }
 
+
 // This call's number, the same on every rank. A call's first kernel (dm.begins_call) sees the
 // counter still at the previous call and adds one; its last block stores the new value (see
 // commit_call) once every block has read it, so every later kernel of the call reads it as is. The
@@ -92,6 +93,22 @@ __device__ bool block_ok(const int* err) {
     if (threadIdx.x == 0) ok = !failed(err);
     __syncthreads();
     return ok;
+}
+
+// One thread: waits (acquire) until this rank's arrival counter (from, chunk) reaches `expected`.
+// False on timeout (reporting `from` as missing) or once the call failed.
+__device__ bool await_arrivals(const EpDims& dm, int from, int chunk, unsigned expected, int* err) {
+    const unsigned* counter = arrival_counter(dm.my_signals, dm, from, chunk);
+    const uint64_t deadline = global_timer_ns() + dm.timeout_ns;
+    while (ld_acquire_sys(counter) < expected) {
+        if (failed(err)) return false;
+        if (global_timer_ns() > deadline) {
+            report(err, EP_ERR_TIMEOUT, dm.rank, from, EP_SIG_DATA);
+            return false;
+        }
+        __nanosleep(64);
+    }
+    return true;
 }
 
 // Waits until this rank's flag `sig` from every rank reached this call's number; one thread per
@@ -554,23 +571,7 @@ __device__ void send_rows(const EpPeers& peers, const EpDims& dm, const uint8_t*
 // every lane on timeout (naming s) or once the call failed.
 __device__ bool wait_arrivals(const EpDims& dm, int s, int c, unsigned expected, int* err) {
     const int lane = threadIdx.x & 31;
-    bool ok = true;
-    if (lane == 0) {
-        const unsigned* counter = arrival_counter(dm.my_signals, dm, s, c);
-        const uint64_t deadline = global_timer_ns() + dm.timeout_ns;
-        while (ld_acquire_sys(counter) < expected) {
-            if (failed(err)) {
-                ok = false;
-                break;
-            }
-            if (global_timer_ns() > deadline) {
-                report(err, EP_ERR_TIMEOUT, dm.rank, s, EP_SIG_DATA);
-                ok = false;
-                break;
-            }
-            __nanosleep(64);
-        }
-    }
+    const bool ok = lane != 0 || await_arrivals(dm, s, c, expected, err);
     // Lane 0's acquired view passes to the whole warp through the vote's barrier.
     return __all_sync(0xffffffffu, ok);
 }
@@ -1142,23 +1143,7 @@ __device__ bool wait_chunk(const EpDims& dm, const int* pos, int num_tokens, int
         const unsigned n = __popc(__ballot_sync(0xffffffffu, goes));
         if (lane == d) expected = n;
     }
-    bool ok = true;
-    if (lane < dm.world && expected > 0) {
-        const unsigned* counter = arrival_counter(dm.my_signals, dm, lane, c);
-        const uint64_t deadline = global_timer_ns() + dm.timeout_ns;
-        while (ld_acquire_sys(counter) < expected) {
-            if (failed(err)) {
-                ok = false;
-                break;
-            }
-            if (global_timer_ns() > deadline) {
-                report(err, EP_ERR_TIMEOUT, dm.rank, lane, EP_SIG_DATA);
-                ok = false;
-                break;
-            }
-            __nanosleep(64);
-        }
-    }
+    const bool ok = lane >= dm.world || expected == 0 || await_arrivals(dm, lane, c, expected, err);
     // The acquiring lanes' view passes to the whole warp through the vote's barrier.
     return __all_sync(0xffffffffu, ok);
 }
