@@ -204,15 +204,17 @@ const RING_BYTES_PER_VEC: u32 = 32 * 16;
 /// mbarriers), as in moe_ep.cu (kBulkStages, kBulkHeader).
 const LAYOUT_STAGES: u32 = 4;
 const LAYOUT_HEADER: u32 = 128;
-/// Shared memory per laying-out warp of `ep_dispatch_send`, at most: MOE_EP_LAYOUT_STAGE_BYTES
-/// when set (0: no bulk copies, the rows go through registers), else unbounded.
+/// Shared memory per laying-out warp of `ep_dispatch_send` for bulk copies, at most:
+/// MOE_EP_LAYOUT_STAGE_BYTES when set, else 0 (the rows go through registers). Bulk copies are
+/// opt-in, for measurement: 2% faster at T = 4096, and a run with 4 ranks on one GPU hung with
+/// them (docs/perf-notes.md, v5).
 fn layout_stage_bytes_max() -> u32 {
     static BYTES: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     *BYTES.get_or_init(|| {
         std::env::var("MOE_EP_LAYOUT_STAGE_BYTES")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(u32::MAX)
+            .unwrap_or(0)
     })
 }
 
@@ -342,6 +344,12 @@ impl Kernels {
             ring_bytes,
             layout_shared_bytes,
         })
+    }
+
+    /// Keeps `ep_dispatch_send`'s layout off bulk copies (for ranks that share a GPU).
+    pub(crate) fn without_bulk_layout(mut self) -> Self {
+        self.layout_shared_bytes = 0;
+        self
     }
 
     fn typed(&self, elem: Elem) -> &Typed {

@@ -359,6 +359,10 @@ impl CudaBackend {
         let shared =
             Arc::new(SharedBuffers::new(&device.ctx, &config, world).map_err(device_error)?);
         let group = join_group(&control, rank, channel, &device, &shared, &config)?;
+        let kernels = match group.ranks_on_my_gpu {
+            0 | 1 => kernels,
+            _ => kernels.without_bulk_layout(),
+        };
         let peers = group.peers;
         let e = config.num_experts;
         let expert_rank = i32_buffer(s, (0..e).map(|x| placement.rank_of(x)))?;
