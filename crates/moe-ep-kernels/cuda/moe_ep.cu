@@ -40,6 +40,26 @@ __device__ __forceinline__ unsigned ld_acquire_sys(const unsigned* p) {
     return v;
 }
 
+__device__ __forceinline__ void st_relaxed_sys(uint64_t* p, uint64_t v) {
+    asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ uint64_t ld_relaxed_sys(const uint64_t* p) {
+    uint64_t v;
+    asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void red_add_release_gpu(unsigned* p, unsigned v) {
+    asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ unsigned ld_acquire_gpu(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
 // Arrival counter (from, chunk) in the signals buffer at `signals` (layout in moe_ep.h).
 __device__ __forceinline__ unsigned* arrival_counter(uint64_t signals, const EpDims& dm, int from, int chunk) {
     const int chunks = (dm.max_tokens + EP_CHUNK_TOKENS - 1) / EP_CHUNK_TOKENS;
@@ -146,31 +166,65 @@ __device__ void signal_all(const EpPeers& peers, const EpDims& dm, int sig) {
 
 // This rank's row in rank p's inbox for this call (double-buffered by call parity: a rank writes
 // call n + 2's row only once every rank finished call n).
-__device__ __forceinline__ int* inbox_row(const EpPeers& peers, const EpDims& dm, int p, int of_rank) {
+__device__ __forceinline__ uint64_t* inbox_row(const EpPeers& peers, const EpDims& dm, int p, int of_rank) {
     const int parity = static_cast<int>(call_epoch(dm) & 1);
-    return reinterpret_cast<int*>(peers.inbox[p]) +
+    return reinterpret_cast<uint64_t*>(peers.inbox[p]) +
            (parity * dm.world + of_rank) * EP_INBOX_ROW(dm.world, dm.num_experts);
 }
 
+// An inbox word: the value with the call number it belongs to in the high half (see moe_ep.h).
+__device__ __forceinline__ uint64_t inbox_word(const EpDims& dm, int value) {
+    return (call_epoch(dm) << 32) | static_cast<uint32_t>(value);
+}
+
+__device__ __forceinline__ bool inbox_word_is_current(const EpDims& dm, uint64_t word) {
+    return static_cast<uint32_t>(word >> 32) == static_cast<uint32_t>(call_epoch(dm));
+}
+
+__device__ __forceinline__ int inbox_value(uint64_t word) { return static_cast<int>(static_cast<uint32_t>(word)); }
+
 // First staged row of destination d's receive slot of this call, as d published it.
 __device__ __forceinline__ int64_t slot_base(const EpPeers& peers, const EpDims& dm, int d) {
-    const int slot = inbox_row(peers, dm, dm.rank, d)[dm.world + dm.num_experts];
+    const int slot = inbox_value(__ldcg(reinterpret_cast<const unsigned long long*>(inbox_row(peers, dm, dm.rank, d)) +
+                                        dm.world + dm.num_experts));
     return static_cast<int64_t>(slot) * dm.world * dm.max_tokens;
+}
+
+// Waits until every rank's receive-slot word in this rank's inbox is this call's; one thread per
+// peer. False (the same in every thread of the block) on timeout, reporting the first missing
+// peer as a missing EP_SIG_ENTER, or when the call already failed.
+__device__ bool wait_slots(const EpPeers& peers, const EpDims& dm, int* err) {
+    bool ok = true;
+    if (threadIdx.x < dm.world) {
+        const uint64_t* word = inbox_row(peers, dm, dm.rank, threadIdx.x) + dm.world + dm.num_experts;
+        const uint64_t deadline = global_timer_ns() + dm.timeout_ns;
+        while (!inbox_word_is_current(dm, ld_relaxed_sys(word))) {
+            if (failed(err) || global_timer_ns() > deadline) {
+                report(err, EP_ERR_TIMEOUT, dm.rank, threadIdx.x, EP_SIG_ENTER);
+                ok = false;
+                break;
+            }
+            __nanosleep(32);
+        }
+    }
+    ok = __syncthreads_and(ok);
+    return block_ok(err) && ok;
 }
 
 // The start of a call that writes into peers' buffers without a count exchange first: block 0
 // tells every peer this rank entered (so its buffers are free to overwrite: its previous call is
-// over), with the receive slot it picked when `recv_slot` >= 0, and every block waits until every
-// peer did the same.
+// over), and every block waits until every peer did the same. With a receive slot to publish
+// (`recv_slot` >= 0), the inbox word carrying it is the message, as in notify; without, the
+// EP_SIG_ENTER flag, whose release store needs no fence before it (there is no data to publish).
 __device__ bool enter_call(const EpPeers& peers, const EpDims& dm, int recv_slot, int* err) {
-    if (blockIdx.x == 0) {
-        if (recv_slot >= 0 && threadIdx.x < dm.world) {
-            inbox_row(peers, dm, threadIdx.x, dm.rank)[dm.world + dm.num_experts] = recv_slot;
+    if (recv_slot >= 0) {
+        if (blockIdx.x == 0 && threadIdx.x < dm.world) {
+            st_relaxed_sys(inbox_row(peers, dm, threadIdx.x, dm.rank) + dm.world + dm.num_experts,
+                           inbox_word(dm, recv_slot));
         }
-        __threadfence_system();
-        __syncthreads();
-        signal_all(peers, dm, EP_SIG_ENTER);
+        return wait_slots(peers, dm, err);
     }
+    if (blockIdx.x == 0) signal_all(peers, dm, EP_SIG_ENTER);
     return wait_all(dm, EP_SIG_ENTER, err);
 }
 
@@ -265,11 +319,15 @@ __device__ __forceinline__ bool aligned16(const void* p) {
     return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
 }
 
-// Copies `bytes` bytes with one warp. 16 bytes a lane when alignment allows, with kUnroll loads in
-// flight per lane before their stores (remote stores are cheap to issue; the loads set the pace).
+// Loads in flight per lane in warp_copy: a warp moves kCopyUnroll x 512 bytes per batch.
+constexpr int kCopyUnroll = 4;
+
+// Copies `bytes` bytes with one warp. 16 bytes a lane when alignment allows, with kCopyUnroll loads
+// in flight per lane before their stores (remote stores are cheap to issue; the loads set the
+// pace); a tail short of a batch goes one stride at a time.
 template <bool kReadOnly>
 __device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int64_t bytes, int lane) {
-    constexpr int kUnroll = 4;
+    constexpr int kUnroll = kCopyUnroll;
     if (aligned16(dst) && aligned16(src) && (bytes & 15) == 0) {
         int4* d = reinterpret_cast<int4*>(dst);
         const int4* s = reinterpret_cast<const int4*>(src);
@@ -340,8 +398,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16>(float
 // the warps turns the counts into each stretch's first rank per expert, and each warp then walks
 // its stretch 32 slots at a time, matching equal experts across the lanes.
 __device__ void count_experts(const EpDims& dm, const void* topk, int idx64, int num_tokens, int* counts,
-                              int* slot_rank, int* scratch, int* err) {
-    __shared__ int hist_shared[EP_RANK_SHARED_INTS];
+                              int* slot_rank, int* hist_shared, int* scratch, int* err) {
     const int E = dm.num_experts, K = dm.topk, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const bool in_shared = E <= EP_RANK_SHARED_INTS;
     const int segs = in_shared ? min(static_cast<int>(blockDim.x >> 5), EP_RANK_SHARED_INTS / E) : 32;
@@ -387,17 +444,12 @@ __device__ void count_experts(const EpDims& dm, const void* topk, int idx64, int
     }
 }
 
-// Source side routing, one block of the route kernel. Blocks 0..world-1: block d finds, for each
-// token t in ascending order, its position among the tokens going to rank d (-1 if none), and
-// their count. Block `world` counts (and ranks) the slots of each expert (count_experts).
-// counts = [world + E].
+// Source side routing, block d < world of the route kernel: finds, for each token t in ascending
+// order, its position among the tokens going to rank d (-1 if none), and their count (counts[d]),
+// then adds 1 to `routed` (release, device scope) for the block that exchanges the counts.
 __device__ void route_block(const EpDims& dm, const void* topk, int idx64, int num_tokens, const int* expert_rank,
-                            int* pos, int* counts, int* slot_rank, int* rank_scratch, int* err) {
+                            int* pos, int* counts, unsigned* routed) {
     const int K = dm.topk;
-    if (blockIdx.x == dm.world) {
-        count_experts(dm, topk, idx64, num_tokens, counts, slot_rank, rank_scratch, err);
-        return;
-    }
     const int d = blockIdx.x;
     int running = 0;
     for (int base = 0; base < num_tokens; base += blockDim.x) {
@@ -414,40 +466,85 @@ __device__ void route_block(const EpDims& dm, const void* topk, int idx64, int n
         if (t < num_tokens) pos[static_cast<int64_t>(t) * dm.world + d] = goes ? running + prefix : -1;
         running += total;
     }
-    if (threadIdx.x == 0) counts[d] = running;
+    if (threadIdx.x == 0) {
+        counts[d] = running;
+        red_add_release_gpu(routed, 1u);
+    }
 }
 
-// The count exchange, run by the route kernel's last block. Publishes this rank's counts row to
-// every rank's inbox (double-buffered by call parity), which also tells every peer this rank
-// entered the call; waits for every rank's row, then derives: where each source's rows start here
-// (recv_base[world+1]), where this rank's rows start on each destination (my_base_on[world]), the
-// count tensors of the output, the aligned expert-major offsets with the first row of each
-// (source, local expert) in them (group_base[world][E_local]), and every rank's capacity check
-// (all ranks compute the same verdict, so an overflow stops all of them alike).
+// The counting block's wait for the world route blocks' counts[0..world) (see route_block), after
+// which it resets `routed` for the next launch. False on timeout or once the call failed.
+__device__ bool await_routes(const EpDims& dm, unsigned* routed, int* err) {
+    __shared__ int ok;
+    if (threadIdx.x == 0) {
+        ok = 1;
+        const uint64_t deadline = global_timer_ns() + dm.timeout_ns;
+        while (ld_acquire_gpu(routed) < static_cast<unsigned>(dm.world)) {
+            if (global_timer_ns() > deadline) {
+                report(err, EP_ERR_TIMEOUT, dm.rank, dm.rank, EP_SIG_ENTER);
+                ok = 0;
+                break;
+            }
+            __nanosleep(32);
+        }
+        *routed = 0u;
+    }
+    // Thread 0's acquired view passes to the block through the barrier.
+    __syncthreads();
+    return ok;
+}
+
+// The count exchange, run by the route kernel's counting block once every count is known.
+// Publishes this rank's counts row (and receive slot) to every rank's inbox, each word carrying the
+// call number (moe_ep.h), which also tells every peer this rank entered the call: a peer reads a
+// word as soon as it is current, so no fence or flag separates the counts from their readers.
+// Waits until every rank's row here is current (into `staged`, EP_RANK_SHARED_INTS shared ints,
+// when it fits), then derives: where each source's rows start here (recv_base[world+1]), where
+// this rank's rows start on each destination (my_base_on[world]), the count tensors of the output,
+// the aligned expert-major offsets with the first row of each (source, local expert) in them
+// (group_base[world][E_local]), and every rank's capacity check (all ranks compute the same
+// verdict, so an overflow stops all of them alike).
 __device__ void notify(const EpPeers& peers, const EpDims& dm, const int* counts, const int* expert_rank,
                        const int* local_experts, const int* capacity, int align, int recv_slot, int* recv_base,
                        int* my_base_on, int* out_per_src, int* out_per_expert, int* out_offsets, int* group_base,
-                       int* err) {
+                       int* staged, int* err) {
     const int n = dm.world + dm.num_experts, row = EP_INBOX_ROW(dm.world, dm.num_experts);
-    for (int p = 0; p < dm.world; ++p) {
-        int* inbox = inbox_row(peers, dm, p, dm.rank);
-        // Written by the other blocks of this grid: read past L1.
-        for (int i = threadIdx.x; i < n; i += blockDim.x) inbox[i] = __ldcg(counts + i);
-        if (threadIdx.x == 0) inbox[n] = recv_slot;
+    for (int i = threadIdx.x; i < row; i += blockDim.x) {
+        // counts[0..world) come from the route blocks: read past L1.
+        const uint64_t word = inbox_word(dm, i < n ? __ldcg(counts + i) : recv_slot);
+        for (int p = 0; p < dm.world; ++p) st_relaxed_sys(inbox_row(peers, dm, p, dm.rank) + i, word);
     }
-    __threadfence_system();
-    __syncthreads();
-    signal_all(peers, dm, EP_SIG_ENTER);
-    if (!wait_all(dm, EP_SIG_ENTER, err)) return;
 
-    const int* in = inbox_row(peers, dm, dm.rank, 0);
+    const uint64_t* mine = inbox_row(peers, dm, dm.rank, 0);
+    const int words = dm.world * row;
+    const bool in_shared = words <= EP_RANK_SHARED_INTS;
+    const uint64_t deadline = global_timer_ns() + dm.timeout_ns;
+    bool ok = true;
+    for (int i = threadIdx.x; ok && i < words; i += blockDim.x) {
+        uint64_t w;
+        while (!inbox_word_is_current(dm, w = ld_relaxed_sys(mine + i))) {
+            if (failed(err) || global_timer_ns() > deadline) {
+                report(err, EP_ERR_TIMEOUT, dm.rank, i / row, EP_SIG_ENTER);
+                ok = false;
+                break;
+            }
+            __nanosleep(32);
+        }
+        if (in_shared) staged[i] = inbox_value(w);
+    }
+    if (!__syncthreads_and(ok)) return;
+    // Every word is current: past L1, each reads as this call wrote it.
+    const auto in = [&](int s, int i) {
+        return in_shared ? staged[s * row + i] : inbox_value(__ldcg(reinterpret_cast<const unsigned long long*>(mine) + s * row + i));
+    };
+
     __shared__ int need[EP_MAX_WORLD];
     if (threadIdx.x < dm.world) {
         const int d = threadIdx.x;
         int base = 0, total = 0;
         for (int s = 0; s < dm.world; ++s) {
             if (s == dm.rank) base = total;
-            total += in[s * row + d];
+            total += in(s, d);
         }
         my_base_on[d] = base;
         need[d] = align > 0 ? 0 : total;
@@ -456,8 +553,8 @@ __device__ void notify(const EpPeers& peers, const EpDims& dm, const int* counts
         int at = 0;
         for (int s = 0; s < dm.world; ++s) {
             recv_base[s] = at;
-            out_per_src[s] = in[s * row + dm.rank];
-            at += in[s * row + dm.rank];
+            out_per_src[s] = in(s, dm.rank);
+            at += in(s, dm.rank);
         }
         recv_base[dm.world] = at;
     }
@@ -465,66 +562,93 @@ __device__ void notify(const EpPeers& peers, const EpDims& dm, const int* counts
     // Expert rows: every expert's slot total, aligned, added to its owner's need.
     for (int e = threadIdx.x; align > 0 && e < dm.num_experts; e += blockDim.x) {
         int c = 0;
-        for (int s = 0; s < dm.world; ++s) c += in[s * row + dm.world + e];
+        for (int s = 0; s < dm.world; ++s) c += in(s, dm.world + e);
         atomicAdd(&need[expert_rank[e]], (c + align - 1) / align * align);
     }
-    for (int g = threadIdx.x; g < dm.num_local; g += blockDim.x) {
+    // Each local expert's rows; expert-major, the aligned group starts (a block scan) and the first
+    // row of each (source, local expert) in them.
+    int running = 0;
+    for (int first = 0; first < dm.num_local; first += blockDim.x) {
+        const int g = first + threadIdx.x;
+        const int e = g < dm.num_local ? local_experts[g] : 0;
         int c = 0;
-        for (int s = 0; s < dm.world; ++s) c += in[s * row + dm.world + local_experts[g]];
-        out_per_expert[g] = c;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        if (align > 0) {
-            int at = 0;
-            for (int g = 0; g < dm.num_local; ++g) {
-                out_offsets[g] = at;
-                at += (out_per_expert[g] + align - 1) / align * align;
-            }
-            out_offsets[dm.num_local] = at;
-        }
-        for (int d = 0; d < dm.world; ++d) {
-            if (need[d] > capacity[d]) {
-                report(err, EP_ERR_CAPACITY, d, need[d], capacity[d]);
-                break;
-            }
-        }
-    }
-    __syncthreads();
-    for (int g = threadIdx.x; align > 0 && group_base && g < dm.num_local; g += blockDim.x) {
-        int at = out_offsets[g];
-        for (int s = 0; s < dm.world; ++s) {
+        for (int s = 0; g < dm.num_local && s < dm.world; ++s) c += in(s, dm.world + e);
+        if (g < dm.num_local) out_per_expert[g] = c;
+        if (align <= 0) continue;
+        int total;
+        int at = running + block_exclusive_scan(g < dm.num_local ? (c + align - 1) / align * align : 0, &total);
+        running += total;
+        if (g >= dm.num_local) continue;
+        out_offsets[g] = at;
+        for (int s = 0; group_base && s < dm.world; ++s) {
             group_base[s * dm.num_local + g] = at;
-            at += in[s * row + dm.world + local_experts[g]];
+            at += in(s, dm.world + e);
+        }
+    }
+    if (align > 0 && threadIdx.x == 0) out_offsets[dm.num_local] = running;
+    __syncthreads();
+    for (int d = 0; threadIdx.x == 0 && d < dm.world; ++d) {
+        if (need[d] > capacity[d]) {
+            report(err, EP_ERR_CAPACITY, d, need[d], capacity[d]);
+            break;
         }
     }
 }
 
-// A dispatch's first kernel: routing in blocks 0..world (see route_block), then the count
-// exchange in whichever block finishes last (see notify), which also publishes this rank's receive
-// slot and stores the call number. world + 1 blocks. Expert-major, also each slot's rank in its
-// expert (slot_rank [T * K]; rank_scratch int [32][E] past EP_RANK_SHARED_INTS experts) and
-// group_base.
+// A dispatch's first kernel, world + 1 blocks: routing in blocks 0..world-1 (see route_block);
+// block `world` counts (and, expert-major, ranks) the slots of each expert (count_experts), then
+// exchanges the counts once the route blocks' are in (see notify), which also publishes this
+// rank's receive slot, and stores the call number (no other block reads it). Expert-major, also
+// each slot's rank in its expert (slot_rank [T * K]; rank_scratch int [32][E] past
+// EP_RANK_SHARED_INTS experts) and group_base. `done` counts the route blocks done.
 extern "C" __global__ void __launch_bounds__(1024)
     ep_route_notify(EpPeers peers, EpDims dm, const void* topk, int idx64, int num_tokens, const int* expert_rank,
                     const int* local_experts, const int* capacity, int align, int recv_slot, int* pos,
                     int* counts, int* slot_rank, int* rank_scratch, int* recv_base, int* my_base_on,
                     int* out_per_src, int* out_per_expert, int* out_offsets, int* group_base, unsigned* done,
                     int* err) {
-    route_block(dm, topk, idx64, num_tokens, expert_rank, pos, counts, slot_rank, rank_scratch, err);
-    if (!arrive_last(done)) return;
-    notify(peers, dm, counts, expert_rank, local_experts, capacity, align, recv_slot, recv_base, my_base_on,
-           out_per_src, out_per_expert, out_offsets, group_base, err);
+    if (blockIdx.x < dm.world) {
+        route_block(dm, topk, idx64, num_tokens, expert_rank, pos, counts, done);
+        return;
+    }
+    __shared__ int shared_ints[EP_RANK_SHARED_INTS];  // count_experts' histograms, then notify's inbox copy
+    count_experts(dm, topk, idx64, num_tokens, counts, slot_rank, shared_ints, rank_scratch, err);
+    __syncthreads();
+    if (await_routes(dm, done, err) && block_ok(err)) {
+        notify(peers, dm, counts, expert_rank, local_experts, capacity, align, recv_slot, recv_base, my_base_on,
+               out_per_src, out_per_expert, out_offsets, group_base, shared_ints, err);
+    }
     __syncthreads();
     if (threadIdx.x == 0) commit_call(dm);
 }
 
-// One sending warp's share of the tokens (items `warp`, `warp + warps`, ... of (token,
-// destination)): the x row, the scales row (when `scales` is given: replays of gradients carry
-// none), and (unless `payload_only`, i.e. a replay) the row's metadata, straight into the
-// destination's staging buffers at the row the routing gave it, in the receive slot the
-// destination picked. When the destination lays rows out as they come (`count_arrivals`), the
-// warp then adds 1 to its arrival counter of the row's chunk, with a system-scope release.
+// A row counts this many units on its arrival counter, whatever the number of pieces it was sent
+// in (a power of two up to this).
+constexpr int kRowUnits = 8;
+
+// Pieces per row when `items` rows go out over `warps` warps: with fewer rows than warps, a row's
+// copy is split (up to kRowUnits ways) so that idle warps take part and no warp walks a whole row
+// alone (its loads are a chain of batches); every warp still has one piece at most.
+__device__ __forceinline__ int row_parts(int64_t items, int warps, bool whole_rows) {
+    int parts = 1;
+    while (!whole_rows && parts < kRowUnits && items * parts * 2 <= warps) parts *= 2;
+    return parts;
+}
+
+// Bytes of each piece: whole copy batches of warp_copy, so that no piece ends in a short batch.
+__device__ __forceinline__ int64_t part_bytes_of(int64_t row_bytes, int parts) {
+    constexpr int64_t kBatch = kCopyUnroll * 512;
+    return ((row_bytes + parts - 1) / parts + kBatch - 1) / kBatch * kBatch;
+}
+
+// One sending warp's share of the tokens: the x row, the scales row (when `scales` is given:
+// replays of gradients carry none), and (unless `payload_only`, i.e. a replay) the row's metadata,
+// straight into the destination's staging buffers at the row the routing gave it, in the receive
+// slot the destination picked. Items (token, destination) go to warps in turn; with fewer items
+// than warps, a row goes out in pieces, a warp each (row_parts). The first piece carries the
+// scales and metadata. When the destination lays rows out as they come
+// (`count_arrivals`), the warp then adds kRowUnits / parts to its arrival counter of the row's
+// chunk, with a system-scope release.
 __device__ void send_rows(const EpPeers& peers, const EpDims& dm, const uint8_t* x, const float* scales,
                           const void* topk, int idx64, const float* weights, const int* expert_rank,
                           const int* local_index, const int* pos, const int* my_base_on, const int* slot_rank,
@@ -532,18 +656,25 @@ __device__ void send_rows(const EpPeers& peers, const EpDims& dm, const uint8_t*
     const int lane = threadIdx.x & 31;
     const int K = dm.topk, S = dm.scale_cols, W = dm.world;
     const int64_t items = static_cast<int64_t>(num_tokens) * W;
-    for (int64_t item = warp; item < items; item += warps) {
+    const int parts = row_parts(items, warps, false);
+    const int64_t part_bytes = part_bytes_of(dm.x_row_bytes, parts);
+    for (int64_t piece = warp; piece < items * parts; piece += warps) {
+        const int64_t item = piece / parts;
+        const int part = static_cast<int>(piece - item * parts);
         const int p = pos[item];
         if (p < 0) continue;
         const int t = static_cast<int>(item / W), d = static_cast<int>(item - static_cast<int64_t>(t) * W);
         const int64_t row = slot_base(peers, dm, d) + my_base_on[d] + p;
-        warp_copy<true>(reinterpret_cast<uint8_t*>(peers.stage_x[d]) + row * dm.stage_row_bytes,
-                        x + static_cast<int64_t>(t) * dm.x_row_bytes, dm.x_row_bytes, lane);
-        if (S > 0 && scales) {
+        const int64_t begin = part * part_bytes, bytes = min(part_bytes, dm.x_row_bytes - begin);
+        if (bytes > 0) {
+            warp_copy<true>(reinterpret_cast<uint8_t*>(peers.stage_x[d]) + row * dm.stage_row_bytes + begin,
+                            x + static_cast<int64_t>(t) * dm.x_row_bytes + begin, bytes, lane);
+        }
+        if (part == 0 && S > 0 && scales) {
             float* dst = reinterpret_cast<float*>(peers.stage_scales[d]) + row * S;
             for (int i = lane; i < S; i += 32) dst[i] = scales[static_cast<int64_t>(t) * S + i];
         }
-        if (!payload_only) {
+        if (part == 0 && !payload_only) {
             int* meta = reinterpret_cast<int*>(peers.stage_meta[d]) + row * EP_META_INTS(K);
             if (lane == 0) {
                 meta[0] = dm.rank;
@@ -562,12 +693,15 @@ __device__ void send_rows(const EpPeers& peers, const EpDims& dm, const uint8_t*
         if (count_arrivals) {
             // As in send_back_rows: the warp barrier orders every lane's stores before the release.
             __syncwarp();
-            if (lane == 0) red_add_release_sys(arrival_counter(peers.signals[d], dm, dm.rank, p / EP_CHUNK_TOKENS), 1u);
+            if (lane == 0) {
+                red_add_release_sys(arrival_counter(peers.signals[d], dm, dm.rank, p / EP_CHUNK_TOKENS),
+                                    kRowUnits / parts);
+            }
         }
     }
 }
 
-// Waits until source s's arrival counter of chunk c reached `expected` rows. One warp; false in
+// Waits until source s's arrival counter of chunk c reached `expected` units. One warp; false in
 // every lane on timeout (naming s) or once the call failed.
 __device__ bool wait_arrivals(const EpDims& dm, int s, int c, unsigned expected, int* err) {
     const int lane = threadIdx.x & 31;
@@ -803,7 +937,7 @@ __device__ bool expand_arrivals(const EpDims& dm, const EpExpand& ex, uint8_t* r
         const int first = item / W * group, rows = recv_base[s + 1] - recv_base[s];
         if (first >= rows) continue;
         const int c = first / EP_CHUNK_TOKENS;
-        const unsigned expected = min(EP_CHUNK_TOKENS, rows - c * EP_CHUNK_TOKENS);
+        const unsigned expected = min(EP_CHUNK_TOKENS, rows - c * EP_CHUNK_TOKENS) * kRowUnits;
         if (!wait_arrivals(dm, s, c, expected, err)) break;
         expand_rows(dm, ex, recv_base[s] + first, min(group, rows - first), st, lane);
     }
@@ -1068,8 +1202,10 @@ __device__ __forceinline__ void gather_partial(T* dst, const T* y, const int* er
 // ring_vecs x 32 vectors). `weights`: per-row weights overriding the
 // recorded `row_weights` (expert-major), or null; `unit_weights` makes every weight 1 (plain adds).
 // Warps `warp`, `warp + warps`, ... of the grid take one staged row each (sources interleaved),
-// 16 bytes a lane. After each row (and its side values) the warp adds 1 to s's arrival counter of
-// t's chunk with a system-scope release, so s can reduce that chunk as soon as it is complete.
+// 16 bytes a lane; token-major, with fewer rows than warps, a row goes in pieces as in send_rows
+// (the first carries the side values). After each piece the warp adds its share of kRowUnits to
+// s's arrival counter of t's chunk with a system-scope release, so s can reduce that chunk as
+// soon as it is complete.
 template <typename T>
 __device__ void send_back_rows(const EpPeers& peers, const EpDims& dm, const T* y, const float* weights,
                                const float* row_weights, int unit_weights, const int* recv_base, const int* row_src,
@@ -1079,7 +1215,11 @@ __device__ void send_back_rows(const EpPeers& peers, const EpDims& dm, const T* 
     const int K = dm.topk, H = dm.hidden, lane = threadIdx.x & 31;
     const bool vec = vector_rows<T>(dm, y);
     const int items = interleaved_items(dm, recv_base);
-    for (int item = warp; item < items; item += warps) {
+    const int parts = row_parts(items, warps, expert_major);
+    const int64_t row_bytes = static_cast<int64_t>(H) * sizeof(T);
+    const int64_t part_bytes = part_bytes_of(row_bytes, parts);
+    for (int piece = warp; piece < items * parts; piece += warps) {
+        const int item = piece / parts, part = piece - item * parts;
         const int j = staged_row(dm, recv_base, item);
         if (j < 0) continue;
         const int s = row_src[2 * j];
@@ -1087,8 +1227,11 @@ __device__ void send_back_rows(const EpPeers& peers, const EpDims& dm, const T* 
         T* dst = reinterpret_cast<T*>(peers.back[s]) + slot * H;
         const int* er = exp_rows + static_cast<int64_t>(j) * K;
         if (!expert_major) {
-            warp_copy<true>(reinterpret_cast<uint8_t*>(dst), reinterpret_cast<const uint8_t*>(y + static_cast<int64_t>(j) * H),
-                            static_cast<int64_t>(H) * sizeof(T), lane);
+            const int64_t begin = part * part_bytes, bytes = min(part_bytes, row_bytes - begin);
+            if (bytes > 0) {
+                warp_copy<true>(reinterpret_cast<uint8_t*>(dst) + begin,
+                                reinterpret_cast<const uint8_t*>(y + static_cast<int64_t>(j) * H) + begin, bytes, lane);
+            }
         } else if (const unsigned slots = __ballot_sync(0xffffffffu, lane < K && er[lane] >= 0);
                    vec && K <= 32 && slots != 0 && __popc(slots) <= ring_vecs) {
             gather_partial<T>(dst, y, er, slots, H, unit_weights,
@@ -1106,7 +1249,7 @@ __device__ void send_back_rows(const EpPeers& peers, const EpDims& dm, const T* 
                 dst[h] = narrow<T>(acc);
             }
         }
-        if (side_mode != SIDE_NONE) {
+        if (part == 0 && side_mode != SIDE_NONE) {
             float* sd = reinterpret_cast<float*>(peers.back_side[s]) + slot * K;
             for (int k = lane; k < K; k += 32) {
                 float v = 0.f;
@@ -1124,7 +1267,8 @@ __device__ void send_back_rows(const EpPeers& peers, const EpDims& dm, const T* 
         // barrier), so s sees the whole row once it sees the count.
         __syncwarp();
         if (lane == 0) {
-            red_add_release_sys(arrival_counter(peers.signals[s], dm, dm.rank, row_src[2 * j + 1] / EP_CHUNK_TOKENS), 1u);
+            red_add_release_sys(arrival_counter(peers.signals[s], dm, dm.rank, row_src[2 * j + 1] / EP_CHUNK_TOKENS),
+                                kRowUnits / parts);
         }
     }
 }
@@ -1143,7 +1287,7 @@ __device__ bool wait_chunk(const EpDims& dm, const int* pos, int num_tokens, int
         const unsigned n = __popc(__ballot_sync(0xffffffffu, goes));
         if (lane == d) expected = n;
     }
-    const bool ok = lane >= dm.world || expected == 0 || await_arrivals(dm, lane, c, expected, err);
+    const bool ok = lane >= dm.world || expected == 0 || await_arrivals(dm, lane, c, expected * kRowUnits, err);
     // The acquiring lanes' view passes to the whole warp through the vote's barrier.
     return __all_sync(0xffffffffu, ok);
 }

@@ -11,10 +11,12 @@
 #define EP_SIG_DATA2 2  // the second data phase of a call (combine_backward's weight gradients)
 #define EP_NUM_SIGNALS 3
 
-// After the flags, each rank's signals buffer holds its combine arrival counters: u32
-// [world][ceil(max_tokens / EP_CHUNK_TOKENS)], counter (d, c) = rows rank d sent back for this
-// rank's tokens c * EP_CHUNK_TOKENS .. + EP_CHUNK_TOKENS of the running call. The combine reduces a
-// chunk as soon as its counters are full, and resets them at its end.
+// After the flags, each rank's signals buffer holds its arrival counters: u32
+// [world][ceil(max_tokens / EP_CHUNK_TOKENS)]. In a combine, counter (d, c) counts the rows rank d
+// sent back for this rank's tokens c * EP_CHUNK_TOKENS .. + EP_CHUNK_TOKENS of the running call; in
+// an expert-major dispatch, the rows d sent of its chunk c. Each row counts 8 units (kRowUnits in
+// moe_ep.cu), added in shares when it travels in pieces. The kernel that waits on them resets
+// them at its end.
 #define EP_CHUNK_TOKENS 32
 #define EP_ARRIVALS_OFFSET (EP_NUM_SIGNALS * EP_MAX_WORLD * 8)
 
@@ -25,7 +27,9 @@
 #define EP_ERR_ROWS 4       // a = rows needed, b = rows given (combine's y and the other per-row inputs)
 
 // A rank's row in the inbox: its count per destination rank, per expert, then the receive slot it
-// picked for the call (which part of its staging buffers peers write this call's rows into).
+// picked for the call (which part of its staging buffers peers write this call's rows into). Each
+// a u64 word: the call number in the high half, the value in the low half, so a reader knows a word
+// is this call's from the word alone.
 #define EP_INBOX_ROW(world, E) ((world) + (E) + 1)
 
 // Staged row metadata: source rank, token, K local slot ids (-1 elsewhere), K weights (f32 bits),
@@ -33,14 +37,15 @@
 #define EP_META_INTS(K) (2 + 3 * (K))
 
 // The route kernel ranks each slot among the source's slots of its expert with a per-warp
-// histogram of every expert in shared memory: int [warps][E] within this many ints (fewer warps
-// as E grows); past one warp's worth, in a global scratch of int [32][E] the caller provides.
+// histogram of every expert in shared memory (later its copy of the inbox, when that fits):
+// int [warps][E] within this many ints (fewer warps as E grows); past one warp's worth, in a
+// global scratch of int [32][E] the caller provides.
 #define EP_RANK_SHARED_INTS 11264
 
 // Addresses of every rank's shared buffers, as this rank maps them.
 struct EpPeers {
     uint64_t signals[EP_MAX_WORLD];       // u64 [EP_NUM_SIGNALS][EP_MAX_WORLD]
-    uint64_t inbox[EP_MAX_WORLD];         // i32 [2][world][EP_INBOX_ROW]
+    uint64_t inbox[EP_MAX_WORLD];         // u64 [2][world][EP_INBOX_ROW]
     uint64_t stage_x[EP_MAX_WORLD];       // [slots][world * max_tokens][stage_row_bytes]
     uint64_t stage_scales[EP_MAX_WORLD];  // f32 [slots][world * max_tokens][S]
     uint64_t stage_meta[EP_MAX_WORLD];    // i32 [slots][world * max_tokens][EP_META_INTS(K)]

@@ -15,8 +15,8 @@ pub(crate) struct SharedBuffers {
     /// u64 [NUM_SIGNALS][MAX_WORLD]: the epoch each peer last raised each flag to; then the
     /// combine's arrival counters, u32 [world][ceil(max_tokens / CHUNK_TOKENS)].
     pub signals: SharedBuffer,
-    /// i32 [2][world][inbox_row(world, E)]: every rank's counts and receive slot, double-buffered
-    /// by call parity.
+    /// u64 [2][world][inbox_row(world, E)]: every rank's counts and receive slot, double-buffered
+    /// by call parity, each word tagged with its call number (EP_INBOX_ROW in moe_ep.h).
     pub inbox: SharedBuffer,
     /// [STAGE_SLOTS][world * max_tokens][stage_row_bytes]: rows sent here, token-major.
     pub stage_x: SharedBuffer,
@@ -37,7 +37,7 @@ pub(crate) struct SharedBuffers {
     meta_ints: usize,
 }
 
-/// Ints of a rank's row in the inbox: its count per destination and per expert, then the receive
+/// Words of a rank's row in the inbox: its count per destination and per expert, then the receive
 /// slot it picked for the call (EP_INBOX_ROW in moe_ep.h).
 pub(crate) fn inbox_row(world: usize, num_experts: usize) -> usize {
     world + num_experts + 1
@@ -62,7 +62,7 @@ impl SharedBuffers {
                 NUM_SIGNALS * MAX_WORLD * 8
                     + world * c.max_tokens_per_rank.div_ceil(CHUNK_TOKENS) * 4,
             )?,
-            inbox: SharedBuffer::zeroed(ctx, 2 * world * inbox_row(world, c.num_experts) * 4)?,
+            inbox: SharedBuffer::zeroed(ctx, 2 * world * inbox_row(world, c.num_experts) * 8)?,
             stage_x: SharedBuffer::zeroed(ctx, staged * stage_row_bytes)?,
             stage_scales: SharedBuffer::zeroed(ctx, staged * c.scale_columns * 4)?,
             stage_meta: SharedBuffer::zeroed(ctx, staged * meta_ints(c.topk) * 4)?,

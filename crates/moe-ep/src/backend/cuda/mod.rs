@@ -760,7 +760,7 @@ impl CudaBackend {
             self.dims(row_bytes, true),
             &send,
             &reduce,
-            combine_send_warps(h.exp_rows.is_some()),
+            combine_send_warps(),
             self.done.ptr(),
             self.err.ptr(),
         );
@@ -812,13 +812,13 @@ impl CudaBackend {
 
 /// Warps of each 32-warp block of `ep_combine` that send rows back first; the others reduce from
 /// the start, and the senders join them once their rows are out. The senders are bound by the
-/// links, the reducers by loads from this GPU's memory; expert-major senders also add up each
-/// row's slots, so they get more warps (docs/perf-notes.md, v3 and v4, have the measured splits).
-/// MOE_EP_COMBINE_SEND_WARPS (1..31) overrides both, for measuring the split.
-fn combine_send_warps(expert_major: bool) -> i32 {
+/// links, the reducers by loads from this GPU's memory and by the arrivals (docs/perf-notes.md,
+/// v3, v4 and v6, have the measured splits). MOE_EP_COMBINE_SEND_WARPS (1..31) overrides it, for
+/// measuring the split.
+fn combine_send_warps() -> i32 {
     static WARPS: std::sync::OnceLock<Option<i32>> = std::sync::OnceLock::new();
     let set = *WARPS.get_or_init(|| warps_from_env("MOE_EP_COMBINE_SEND_WARPS"));
-    set.unwrap_or(if expert_major { 24 } else { 16 })
+    set.unwrap_or(24)
 }
 
 /// Warps of each block of an expert-major dispatch's send kernel that send; the others lay the
