@@ -4,6 +4,8 @@
 // through epoch-valued flags in each other's memory (no memset per call): a rank raises its flag on
 // a peer with a system-scope release store after its data, and the peer waits for it with acquire
 // loads, giving up after a deadline measured on %globaltimer and reporting which peer is missing.
+// Small messages (the dispatch's counts, a receive slot) carry the call number in each word
+// instead, so they need no flag after them.
 //
 // Arithmetic follows docs/semantics.md to the bit: widen to f32, fmaf / plain adds in the stated
 // order from +0.0, one round-to-nearest-even at the end (the build passes -fmad=false so the
@@ -327,7 +329,7 @@ constexpr int kCopyUnroll = 4;
 // pace); a tail short of a batch goes one stride at a time.
 template <bool kReadOnly>
 __device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int64_t bytes, int lane) {
-    constexpr int kUnroll = kCopyUnroll;
+    constexpr int kUnroll = kCopyUnroll;  // short for the loops below
     if (aligned16(dst) && aligned16(src) && (bytes & 15) == 0) {
         int4* d = reinterpret_cast<int4*>(dst);
         const int4* s = reinterpret_cast<const int4*>(src);
@@ -473,7 +475,7 @@ __device__ void route_block(const EpDims& dm, const void* topk, int idx64, int n
 }
 
 // The counting block's wait for the world route blocks' counts[0..world) (see route_block), after
-// which it resets `routed` for the next launch. False on timeout or once the call failed.
+// which it resets `routed` for the next launch. False on timeout.
 __device__ bool await_routes(const EpDims& dm, unsigned* routed, int* err) {
     __shared__ int ok;
     if (threadIdx.x == 0) {
@@ -534,8 +536,9 @@ __device__ void notify(const EpPeers& peers, const EpDims& dm, const int* counts
     }
     if (!__syncthreads_and(ok)) return;
     // Every word is current: past L1, each reads as this call wrote it.
+    const auto* mine_words = reinterpret_cast<const unsigned long long*>(mine);
     const auto in = [&](int s, int i) {
-        return in_shared ? staged[s * row + i] : inbox_value(__ldcg(reinterpret_cast<const unsigned long long*>(mine) + s * row + i));
+        return in_shared ? staged[s * row + i] : inbox_value(__ldcg(mine_words + s * row + i));
     };
 
     __shared__ int need[EP_MAX_WORLD];
@@ -646,9 +649,9 @@ __device__ __forceinline__ int64_t part_bytes_of(int64_t row_bytes, int parts) {
 // straight into the destination's staging buffers at the row the routing gave it, in the receive
 // slot the destination picked. Items (token, destination) go to warps in turn; with fewer items
 // than warps, a row goes out in pieces, a warp each (row_parts). The first piece carries the
-// scales and metadata. When the destination lays rows out as they come
-// (`count_arrivals`), the warp then adds kRowUnits / parts to its arrival counter of the row's
-// chunk, with a system-scope release.
+// scales and metadata. When the destination lays rows out as they come (`count_arrivals`), the
+// warp then adds kRowUnits / parts to its arrival counter of the row's chunk, with a
+// system-scope release.
 __device__ void send_rows(const EpPeers& peers, const EpDims& dm, const uint8_t* x, const float* scales,
                           const void* topk, int idx64, const float* weights, const int* expert_rank,
                           const int* local_index, const int* pos, const int* my_base_on, const int* slot_rank,

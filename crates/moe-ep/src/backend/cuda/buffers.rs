@@ -13,7 +13,8 @@ pub(crate) const STAGE_SLOTS: usize = 2;
 
 pub(crate) struct SharedBuffers {
     /// u64 [NUM_SIGNALS][MAX_WORLD]: the epoch each peer last raised each flag to; then the
-    /// combine's arrival counters, u32 [world][ceil(max_tokens / CHUNK_TOKENS)].
+    /// arrival counters (combine, expert-major dispatch), u32 [world][ceil(max_tokens /
+    /// CHUNK_TOKENS)].
     pub signals: SharedBuffer,
     /// u64 [2][world][inbox_row(world, E)]: every rank's counts and receive slot, double-buffered
     /// by call parity, each word tagged with its call number (EP_INBOX_ROW in moe_ep.h).
