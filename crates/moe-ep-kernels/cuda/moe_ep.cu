@@ -185,10 +185,29 @@ __device__ __forceinline__ bool inbox_word_is_current(const EpDims& dm, uint64_t
 
 __device__ __forceinline__ int inbox_value(uint64_t word) { return static_cast<int>(static_cast<uint32_t>(word)); }
 
+// The word of rank `of_rank`'s receive slot in rank p's inbox (the last of its row).
+__device__ __forceinline__ uint64_t* slot_word(const EpPeers& peers, const EpDims& dm, int p, int of_rank) {
+    return inbox_row(peers, dm, p, of_rank) + dm.world + dm.num_experts;
+}
+
+// One thread: waits until `word` of this rank's inbox, written by rank `from`, is this call's, and
+// returns it in `value`. False on timeout (reporting `from` as a missing EP_SIG_ENTER) or once the
+// call failed.
+__device__ bool await_inbox_word(const EpDims& dm, const uint64_t* word, int from, uint64_t deadline, int* err,
+                                 uint64_t* value) {
+    while (!inbox_word_is_current(dm, *value = ld_relaxed_sys(word))) {
+        if (failed(err) || global_timer_ns() > deadline) {
+            report(err, EP_ERR_TIMEOUT, dm.rank, from, EP_SIG_ENTER);
+            return false;
+        }
+        __nanosleep(32);
+    }
+    return true;
+}
+
 // First staged row of destination d's receive slot of this call, as d published it.
 __device__ __forceinline__ int64_t slot_base(const EpPeers& peers, const EpDims& dm, int d) {
-    const int slot = inbox_value(__ldcg(reinterpret_cast<const unsigned long long*>(inbox_row(peers, dm, dm.rank, d)) +
-                                        dm.world + dm.num_experts));
+    const int slot = inbox_value(__ldcg(reinterpret_cast<const unsigned long long*>(slot_word(peers, dm, dm.rank, d))));
     return static_cast<int64_t>(slot) * dm.world * dm.max_tokens;
 }
 
@@ -198,16 +217,9 @@ __device__ __forceinline__ int64_t slot_base(const EpPeers& peers, const EpDims&
 __device__ bool wait_slots(const EpPeers& peers, const EpDims& dm, int* err) {
     bool ok = true;
     if (threadIdx.x < dm.world) {
-        const uint64_t* word = inbox_row(peers, dm, dm.rank, threadIdx.x) + dm.world + dm.num_experts;
-        const uint64_t deadline = global_timer_ns() + dm.timeout_ns;
-        while (!inbox_word_is_current(dm, ld_relaxed_sys(word))) {
-            if (failed(err) || global_timer_ns() > deadline) {
-                report(err, EP_ERR_TIMEOUT, dm.rank, threadIdx.x, EP_SIG_ENTER);
-                ok = false;
-                break;
-            }
-            __nanosleep(32);
-        }
+        uint64_t word;
+        ok = await_inbox_word(dm, slot_word(peers, dm, dm.rank, threadIdx.x), threadIdx.x,
+                              global_timer_ns() + dm.timeout_ns, err, &word);
     }
     ok = __syncthreads_and(ok);
     return block_ok(err) && ok;
@@ -221,8 +233,7 @@ __device__ bool wait_slots(const EpPeers& peers, const EpDims& dm, int* err) {
 __device__ bool enter_call(const EpPeers& peers, const EpDims& dm, int recv_slot, int* err) {
     if (recv_slot >= 0) {
         if (blockIdx.x == 0 && threadIdx.x < dm.world) {
-            st_relaxed_sys(inbox_row(peers, dm, threadIdx.x, dm.rank) + dm.world + dm.num_experts,
-                           inbox_word(dm, recv_slot));
+            st_relaxed_sys(slot_word(peers, dm, threadIdx.x, dm.rank), inbox_word(dm, recv_slot));
         }
         return wait_slots(peers, dm, err);
     }
@@ -524,14 +535,7 @@ __device__ void notify(const EpPeers& peers, const EpDims& dm, const int* counts
     bool ok = true;
     for (int i = threadIdx.x; ok && i < words; i += blockDim.x) {
         uint64_t w;
-        while (!inbox_word_is_current(dm, w = ld_relaxed_sys(mine + i))) {
-            if (failed(err) || global_timer_ns() > deadline) {
-                report(err, EP_ERR_TIMEOUT, dm.rank, i / row, EP_SIG_ENTER);
-                ok = false;
-                break;
-            }
-            __nanosleep(32);
-        }
+        ok = await_inbox_word(dm, mine + i, i / row, deadline, err, &w);
         if (in_shared) staged[i] = inbox_value(w);
     }
     if (!__syncthreads_and(ok)) return;
