@@ -5,7 +5,7 @@
 
 use crate::check::{self, BaselineOutputs, LastOutputs};
 use crate::cli::{
-    BackendChoice, BaselineSet, BenchArgs, LaunchChoice, LayoutChoice, RoutingChoice,
+    BackendChoice, BaselineSet, BenchArgs, LaunchChoice, LayoutChoice, RoutingChoice, StartChoice,
 };
 use crate::report::{
     self, BaselineResult, BaselinesReport, CeilingResult, ConfigReport, HostQueuing, OpResult,
@@ -607,6 +607,8 @@ struct Plan {
     seed: u64,
     baselines: BaselineSet,
     num_sms: Option<u32>,
+    /// Timed calls start with their stream held until queued (`--start held`).
+    held: bool,
 }
 
 impl Plan {
@@ -706,6 +708,7 @@ impl Plan {
             seed: args.seed,
             baselines: args.baselines,
             num_sms: args.num_sms,
+            held: args.start == StartChoice::Held,
         })
     }
 
@@ -754,8 +757,11 @@ impl Plan {
             iters: self.iters,
             seed: self.seed,
             num_sms: self.num_sms,
-            timing: match self.backend {
-                "cuda" => "CUDA events".into(),
+            timing: match (self.backend, self.held) {
+                ("cuda", true) => "CUDA events; each call's stream held until the host queued \
+                                   all of it (the NCCL path: as queued)"
+                    .into(),
+                ("cuda", false) => "CUDA events; each call runs as the host queues it".into(),
                 _ => "the host clock".into(),
             },
         }
@@ -781,6 +787,23 @@ struct RankRun {
 /// whenever each host process got there.
 fn barrier(ep: &mut Dispatcher) -> moe_ep::Result<()> {
     ep.all_gather_host(Vec::new()).map(|_| ())
+}
+
+/// A timer for this rank's own calls, started together with the other ranks and, with
+/// `--start held`, behind a hold of the stream (`Timer::start_held`).
+fn start_ours(ep: &mut Dispatcher, plan: &Plan) -> moe_ep::Result<Timer> {
+    match plan.held {
+        true => ep.timer_held(),
+        false => ep.timer_together(),
+    }
+}
+
+/// As [`start_ours`], for work on another stream of the same device (`held`: hold it).
+fn start_on(on: &impl moe_ep::Timed, ep: &mut Dispatcher, held: bool) -> moe_ep::Result<Timer> {
+    match held {
+        true => Timer::start_held(on, ep),
+        false => Timer::start_together(on, ep),
+    }
 }
 
 fn micros(d: Duration) -> f64 {
@@ -837,7 +860,7 @@ fn rank_iterations(
         // the last iteration's outputs are read to the host (untimed) before they are dropped.
 
         barrier(ep)?;
-        let timer = ep.timer_together()?;
+        let timer = start_ours(ep, plan)?;
         let queued = Instant::now();
         let (out, handle) = ep.dispatch(x.view(), idx.view(), Some(weights.view()), scales)?;
         let dispatch_queued = queued.elapsed();
@@ -853,7 +876,7 @@ fn rank_iterations(
         };
         let y = widened.as_ref().map_or_else(|| out.x.view(), |w| w.view());
         barrier(ep)?;
-        let timer = ep.timer_together()?;
+        let timer = start_ours(ep, plan)?;
         let queued = Instant::now();
         let combined = ep.combine(&handle, y, None)?;
         let combine_queued = queued.elapsed();
@@ -863,7 +886,7 @@ fn rank_iterations(
         drop((combined, out));
 
         barrier(ep)?;
-        let timer = ep.timer_together()?;
+        let timer = start_ours(ep, plan)?;
         let queued = Instant::now();
         let cached = ep.dispatch_cached(&handle, x.view(), scales)?;
         let cached_queued = queued.elapsed();
@@ -875,7 +898,7 @@ fn rank_iterations(
         // End to end: dispatch, then combine of its rows (fp8: the widened rows of the same
         // routing, made above), one timer around both.
         barrier(ep)?;
-        let timer = ep.timer_together()?;
+        let timer = start_ours(ep, plan)?;
         let (out2, handle2) = ep.dispatch(x.view(), idx.view(), Some(weights.view()), scales)?;
         let y2 = widened.as_ref().map_or_else(|| out2.x.view(), |w| w.view());
         let combined2 = ep.combine(&handle2, y2, None)?;
@@ -905,6 +928,7 @@ fn rank_iterations(
                 ep,
                 nb,
                 plan,
+                false,
                 keep,
                 |nb| nb.alltoall_dispatch(x.view(), idx.view()),
                 |nb, d, y| nb.alltoall_combine(d, y, weights.view()),
@@ -922,6 +946,7 @@ fn rank_iterations(
                 ep,
                 nb,
                 plan,
+                plan.held,
                 keep,
                 |nb| nb.allgather_dispatch(shape, x.view(), idx.view(), weights.view()),
                 |nb, d, y| nb.allgather_combine(d, y),
@@ -935,7 +960,7 @@ fn rank_iterations(
         if let (Some(pair), Some(samples)) = (ceilings.as_deref_mut(), ceiling_samples.as_mut()) {
             let round = |ep: &mut Dispatcher, c: &mut Ceiling| -> moe_ep::Result<Duration> {
                 barrier(ep)?;
-                let timer = Timer::start_together(&*c, ep)?;
+                let timer = start_on(&*c, ep, plan.held)?;
                 c.run()?;
                 timer.stop(&*c)
             };
@@ -982,19 +1007,20 @@ impl BaselineRows for AllGatherDispatch {
 }
 
 /// One iteration of a baseline path, each call timed as ours are (a host barrier, then a timer
-/// started after a device barrier): dispatch; combine of the identity expert's rows; both again
+/// started after a device barrier, behind a hold of the stream when `held`): dispatch; combine of the identity expert's rows; both again
 /// end to end. Returns the three times and, when `keep`, the outputs read to the host for the
 /// check.
 fn baseline_iteration<D: BaselineRows>(
     ep: &mut Dispatcher,
     nb: &mut NcclBaselines,
     plan: &Plan,
+    held: bool,
     keep: bool,
     dispatch: impl Fn(&mut NcclBaselines) -> moe_ep::Result<D>,
     combine: impl Fn(&mut NcclBaselines, &D, TensorRef<'_>) -> moe_ep::Result<DeviceTensor>,
 ) -> moe_ep::Result<([Duration; 3], Option<BaselineOutputs>)> {
     barrier(ep)?;
-    let timer = Timer::start_together(&*nb, ep)?;
+    let timer = start_on(&*nb, ep, held)?;
     let d = dispatch(nb)?;
     let dispatch_time = timer.stop(&*nb)?;
     let wy = match needs_widening(plan) {
@@ -1003,7 +1029,7 @@ fn baseline_iteration<D: BaselineRows>(
     };
     let y = wy.as_ref().map_or_else(|| d.rows().view(), |w| w.view());
     barrier(ep)?;
-    let timer = Timer::start_together(&*nb, ep)?;
+    let timer = start_on(&*nb, ep, held)?;
     let c = combine(nb, &d, y)?;
     let combine_time = timer.stop(&*nb)?;
     let kept = match keep {
@@ -1015,7 +1041,7 @@ fn baseline_iteration<D: BaselineRows>(
     };
     drop((c, d));
     barrier(ep)?;
-    let timer = Timer::start_together(&*nb, ep)?;
+    let timer = start_on(&*nb, ep, held)?;
     let d2 = dispatch(nb)?;
     let y2 = wy.as_ref().map_or_else(|| d2.rows().view(), |w| w.view());
     let c2 = combine(nb, &d2, y2)?;

@@ -35,6 +35,17 @@ pub enum BackendChoice {
     Cuda,
 }
 
+/// When a timed call's device work may start (`--start`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StartChoice {
+    /// The stream is held until the host has queued the whole call, as in a model whose stream
+    /// runs ahead of its host: the time is the device's alone.
+    Held,
+    /// The stream runs as the host queues the call: where the device outruns the host, the
+    /// host's launch time shows in the figure.
+    Queued,
+}
+
 /// Row order of the dispatch output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LayoutChoice {
@@ -98,6 +109,12 @@ pub struct BenchArgs {
     /// Untimed iterations per T.
     #[arg(long, default_value_t = 2)]
     pub warmup: u32,
+
+    /// When each timed call starts on the device: `held` (after the host queued all of it) or
+    /// `queued` (as the host queues it). The NCCL path needs the host in mid-call (its host-side
+    /// splits), so it always runs as queued.
+    #[arg(long, value_enum, default_value_t = StartChoice::Held)]
+    pub start: StartChoice,
 
     /// Timed iterations per T.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]

@@ -132,6 +132,19 @@ impl Dispatcher {
         self.run(|b| b.barrier())
     }
 
+    /// Holds this dispatcher's stream until the returned gate opens (or drops): work queued
+    /// meanwhile then starts as soon as the device reaches it, not as the host queues it, as in a
+    /// model whose host runs ahead of its GPU (see [`crate::Timer::start_held`]). `None` on the
+    /// CPU backend, where calls run on the host, and while recording a graph. Whatever waits for
+    /// the stream on the host must come after the gate opens: [`Dispatcher::synchronize`] (and so
+    /// a call with exact-sized outputs) opens it itself; a read of an output to the host does not.
+    /// The device stops waiting after the config's timeout, so a gate never opened delays the
+    /// stream, it does not hang it.
+    pub fn hold_stream(&mut self) -> Result<Option<crate::StreamGate>> {
+        self.check_usable()?;
+        self.run(|b| b.hold_stream())
+    }
+
     /// The raw `CUstream` this dispatcher's calls run on (CUDA backend; `None` on the CPU). Calls
     /// are asynchronous on it: order work that produces inputs or consumes outputs against it
     /// (enqueue it on this stream, e.g. as `torch.cuda.ExternalStream`, or with events).

@@ -60,4 +60,4 @@ pub use output::{
 };
 pub use placement::Placement;
 pub use tensor::{Device, Shape, Tensor, TensorRef};
-pub use timer::{Timed, Timer};
+pub use timer::{StreamGate, Timed, Timer};

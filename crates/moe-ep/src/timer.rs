@@ -39,6 +39,39 @@ impl sealed::Sealed for crate::baseline::Ceiling {}
 /// [`Timer::stop`] after them.
 pub struct Timer {
     inner: Inner,
+    /// The hold of [`Timer::start_held`], opened once the span's end is queued.
+    gate: Option<StreamGate>,
+}
+
+/// A held stream ([`Dispatcher::hold_stream`]): the work queued behind the hold runs once this is
+/// opened or dropped.
+pub struct StreamGate {
+    open: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl StreamGate {
+    pub(crate) fn new(open: impl FnOnce() + Send + 'static) -> StreamGate {
+        StreamGate {
+            open: Some(Box::new(open)),
+        }
+    }
+
+    /// Lets the held stream run.
+    pub fn open(self) {}
+}
+
+impl Drop for StreamGate {
+    fn drop(&mut self) {
+        if let Some(open) = self.open.take() {
+            open();
+        }
+    }
+}
+
+impl std::fmt::Debug for StreamGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StreamGate")
+    }
 }
 
 enum Inner {
@@ -76,13 +109,14 @@ impl Timer {
                 }
             }
         };
-        Ok(Timer { inner })
+        Ok(Timer { inner, gate: None })
     }
 
     /// Ends the span after the work `on` queued so far, waits for that work, and returns the time
     /// from the start. `on` is what the timer was started on (another object of the same device
     /// works too: events of one device compare).
-    pub fn stop(self, on: &impl Timed) -> Result<Duration> {
+    pub fn stop(mut self, on: &impl Timed) -> Result<Duration> {
+        let gate = self.gate.take();
         match self.inner {
             Inner::Host(start) => Ok(start.elapsed()),
             Inner::Cuda {
@@ -103,6 +137,7 @@ impl Timer {
                     }
                 }
                 end.record_on(on).map_err(device_error)?;
+                drop(gate);
                 end.synchronize().map_err(device_error)?;
                 end.elapsed_since(&start).map_err(device_error)
             }
@@ -128,6 +163,18 @@ impl Timer {
         }
         Timer::start(on)
     }
+
+    /// [`Timer::start_together`] behind a hold of `ep`'s stream ([`Dispatcher::hold_stream`])
+    /// that [`Timer::stop`] opens once the span's end is queued: the device then runs the timed
+    /// work back to back, as a stream that runs ahead of its host does, so the time is the
+    /// device's, without the host's launch latency. Without a stream (the CPU backend), as
+    /// [`Timer::start_together`].
+    pub fn start_held(on: &impl Timed, ep: &mut Dispatcher) -> Result<Timer> {
+        let gate = ep.hold_stream()?;
+        let mut timer = Timer::start_together(on, ep)?;
+        timer.gate = gate;
+        Ok(timer)
+    }
 }
 
 impl Dispatcher {
@@ -135,6 +182,14 @@ impl Dispatcher {
     pub fn timer_together(&mut self) -> Result<Timer> {
         self.barrier()?;
         Timer::start(self)
+    }
+
+    /// [`Timer::start_held`] for this dispatcher's own calls.
+    pub fn timer_held(&mut self) -> Result<Timer> {
+        let gate = self.hold_stream()?;
+        let mut timer = self.timer_together()?;
+        timer.gate = gate;
+        Ok(timer)
     }
 
     /// Starts a [`Timer`] on this dispatcher's stream: `let t = ep.timer()?; ep.dispatch(..)?;

@@ -564,3 +564,65 @@ fn a_cpu_dispatcher_takes_no_cuda_stream() {
         "{err}"
     );
 }
+
+#[test]
+fn a_held_timer_times_the_device_not_the_host() {
+    let Some(cuda) = cuda_or_skip("a_held_timer_times_the_device_not_the_host") else {
+        return;
+    };
+    let (t, h, e, k) = SHAPE;
+    // Capacity-sized outputs: an exact-sized call waits for the device, opening the hold.
+    let config = EpConfig::builder()
+        .num_experts(e)
+        .topk(k)
+        .hidden(h)
+        .max_tokens_per_rank(t)
+        .build()
+        .expect("valid config");
+    let data = random_inputs(11, 2, t, h, e, k);
+    let host_pause = Duration::from_millis(200);
+    let times = run_ranks(&cuda, 2, |group| {
+        let err = |e: EpError| e.to_string();
+        let mut ep = Dispatcher::new(&group, config.clone()).map_err(err)?;
+        let d = &data[group.rank()];
+        let x = ep
+            .to_device(TensorRef::new(&d.x, &[t, h]).map_err(err)?)
+            .map_err(err)?;
+        let topk = ep
+            .to_device(TensorRef::new(&d.topk, &[t, k]).map_err(err)?)
+            .map_err(err)?;
+        // Two dispatches with the host away between them: as queued, the device waits for it.
+        let mut span = |held: bool| -> Result<Duration, String> {
+            let timer = match held {
+                true => ep.timer_held(),
+                false => ep.timer_together(),
+            }
+            .map_err(err)?;
+            drop(
+                ep.dispatch(x.view(), topk.view(), None, None)
+                    .map_err(err)?,
+            );
+            std::thread::sleep(host_pause);
+            drop(
+                ep.dispatch(x.view(), topk.view(), None, None)
+                    .map_err(err)?,
+            );
+            let took = timer.stop(&ep).map_err(err)?;
+            ep.synchronize().map_err(err)?;
+            Ok(took)
+        };
+        span(true)?; // warm-up
+        Ok((span(false)?, span(true)?))
+    })
+    .expect("every rank succeeds");
+    for (rank, (queued, held)) in times.into_iter().enumerate() {
+        assert!(
+            queued >= host_pause,
+            "rank {rank}: {queued:?} as queued, less than the host's {host_pause:?} pause"
+        );
+        assert!(
+            held < host_pause / 4,
+            "rank {rank}: {held:?} when held, which should leave out the host's {host_pause:?} pause"
+        );
+    }
+}

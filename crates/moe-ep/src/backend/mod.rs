@@ -103,6 +103,12 @@ pub(crate) trait Backend: Send {
         self.all_gather_host(Vec::new()).map(|_| ())
     }
 
+    /// Holds this rank's stream until the returned gate opens (see
+    /// [`crate::Dispatcher::hold_stream`]); `None` where calls run on the host.
+    fn hold_stream(&mut self) -> Result<Option<crate::timer::StreamGate>> {
+        Ok(None)
+    }
+
     /// The raw CUDA stream this rank's calls run on (`None` on the CPU).
     fn cuda_stream(&self) -> Option<u64>;
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 /// Must equal EP_MAX_WORLD in moe_ep.h.
 pub(crate) const MAX_WORLD: usize = 16;
 pub(crate) const SIG_DATA2: i32 = 2;
-pub(crate) const NUM_SIGNALS: usize = 3;
+pub(crate) const NUM_SIGNALS: usize = 4;
 /// Tokens per combine arrival counter (EP_CHUNK_TOKENS); the counters follow the flags in each
 /// rank's signals buffer, u32 [world][ceil(max_tokens / CHUNK_TOKENS)].
 pub(crate) const CHUNK_TOKENS: usize = 32;
@@ -72,7 +72,9 @@ pub(crate) struct EpDims {
     pub stage_row_bytes: i32,
     /// 1 when the kernel is its call's first (it advances the call number).
     pub begins_call: i32,
-    pub reserved: i32,
+    /// 1 when the call uses neither arrival counters nor back buffers (its send kernel then tells
+    /// the peers at once that they are free for the next call).
+    pub frees_next_call: i32,
     /// Address of this rank's call counter (a u64 on its device).
     pub epoch_ptr: u64,
     /// Address of this rank's flags (`EpPeers::signals[rank]`).
@@ -139,6 +141,7 @@ pub(crate) struct CombineReduce {
 /// One kernel argument, stored by value until the launch copies it.
 enum Arg {
     Ptr(u64),
+    U64(u64),
     Int(i32),
     Peers(Box<EpPeers>),
     Dims(EpDims),
@@ -148,7 +151,7 @@ enum Arg {
 impl Arg {
     fn param(&mut self) -> *mut c_void {
         match self {
-            Arg::Ptr(v) => v as *mut u64 as *mut c_void,
+            Arg::Ptr(v) | Arg::U64(v) => v as *mut u64 as *mut c_void,
             Arg::Int(v) => v as *mut i32 as *mut c_void,
             Arg::Peers(p) => &mut **p as *mut EpPeers as *mut c_void,
             Arg::Dims(d) => d as *mut EpDims as *mut c_void,
@@ -185,6 +188,7 @@ pub(crate) struct Kernels {
     dispatch_send: CudaFunction,
     barrier: CudaFunction,
     layout_token_major: CudaFunction,
+    hold: CudaFunction,
     typed: Vec<(Elem, Typed)>,
     /// Dynamic shared memory `ep_combine_*` may take for its expert-major gather rings.
     ring_bytes: u32,
@@ -221,11 +225,12 @@ fn layout_stage_bytes_max() -> u32 {
 /// Shared memory the kernels keep for their static variables, below the opt-in limit.
 const STATIC_SHARED_RESERVE: u32 = 16 * 1024;
 
-const PLAIN: [&str; 4] = [
+const PLAIN: [&str; 5] = [
     "ep_route_notify",
     "ep_dispatch_send",
     "ep_barrier",
     "ep_layout_token_major",
+    "ep_hold",
 ];
 
 /// Grid and block of a launch (1-D).
@@ -312,7 +317,7 @@ impl Kernels {
                 layout_shared_bytes as i32,
             )
             .map_err(|e| describe("allowing ep_dispatch_send its shared memory", e))?;
-        let (barrier, layout_token_major) = (next(), next());
+        let (barrier, layout_token_major, hold) = (next(), next(), next());
         let typed = ELEMS
             .iter()
             .map(|&(elem, _)| {
@@ -340,6 +345,7 @@ impl Kernels {
             dispatch_send,
             barrier,
             layout_token_major,
+            hold,
             typed,
             ring_bytes,
             layout_shared_bytes,
@@ -435,6 +441,23 @@ impl Kernels {
         };
         let args = vec![Arg::Peers(Box::new(*peers)), Arg::Dims(dm), Arg::Ptr(err)];
         launch(s, &self.barrier, grid, args, "ep_barrier")
+    }
+
+    /// Holds the stream until the host stores `until` or more into the host word at `gate` (a
+    /// device address), or `timeout_ns` passed. One thread.
+    pub(crate) fn hold(
+        &self,
+        s: &Stream,
+        gate: u64,
+        until: u64,
+        timeout_ns: u64,
+    ) -> Result<(), String> {
+        let grid = Grid {
+            blocks: 1,
+            threads: 1,
+        };
+        let args = vec![Arg::Ptr(gate), Arg::U64(until), Arg::U64(timeout_ns)];
+        launch(s, &self.hold, grid, args, "ep_hold")
     }
 
     /// Sends every token to its destinations; with `expand.send_warps` > 0, the other warps of

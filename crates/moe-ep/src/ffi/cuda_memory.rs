@@ -354,6 +354,64 @@ pub(crate) fn read_device(stream: &Stream, ptr: u64, out: &mut [u8]) -> Result<(
     stream.synchronize()
 }
 
+/// One u64 of pinned host memory that a device reads through its mapping (a gate the host opens
+/// for a kernel that waits on it). The host writes it with volatile stores; it starts at 0.
+pub(crate) struct HostWord {
+    host: *mut u64,
+    device: sys::CUdeviceptr,
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: the word is pinned memory owned by this value, written only through `store` (a volatile
+// store of a whole u64, which the device reads as either value) and freed once, in Drop.
+unsafe impl Send for HostWord {}
+unsafe impl Sync for HostWord {}
+
+impl HostWord {
+    pub(crate) fn new(ctx: &Arc<CudaContext>) -> Result<Self, String> {
+        ctx.bind_to_thread()
+            .map_err(|e| describe("binding the context", e))?;
+        let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
+        // SAFETY: the context is current; the allocation is owned by the returned value.
+        let host = unsafe { result::malloc_host(8, flags) }
+            .map_err(|e| describe("cuMemHostAlloc", e))? as *mut u64;
+        // SAFETY: `host` is 8 bytes just allocated, 8-byte aligned (the driver aligns to pages).
+        unsafe { host.write_volatile(0) };
+        let mut device: sys::CUdeviceptr = 0;
+        // SAFETY: `host` was allocated with CU_MEMHOSTALLOC_DEVICEMAP on the current context.
+        let status = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut device, host.cast(), 0) };
+        let word = HostWord {
+            host,
+            device,
+            ctx: ctx.clone(),
+        };
+        match status {
+            sys::CUresult::CUDA_SUCCESS => Ok(word),
+            other => Err(format!("cuMemHostGetDevicePointer: {other:?}")),
+        }
+    }
+
+    /// The word's address on the device.
+    pub(crate) fn device_ptr(&self) -> u64 {
+        self.device
+    }
+
+    pub(crate) fn store(&self, value: u64) {
+        // SAFETY: `host` is live pinned memory of this value (see the Send/Sync note).
+        unsafe { self.host.write_volatile(value) };
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for HostWord {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: allocated by malloc_host in `new`, freed once here.
+            let _ = unsafe { result::free_host(self.host.cast()) };
+        }
+    }
+}
+
 /// Lets `ctx`'s device read and write memory of `peer`'s device (a no-op for the same device).
 pub(crate) fn enable_peer_access(
     ctx: &Arc<CudaContext>,

@@ -28,6 +28,7 @@ use crate::output::{
 };
 use crate::placement::Placement;
 use crate::tensor::{Device, Tensor, TensorRef};
+use crate::timer::StreamGate;
 use buffers::{SharedBuffers, STAGE_SLOTS};
 use cudarc::driver::CudaContext;
 use std::sync::Arc;
@@ -313,6 +314,9 @@ pub(crate) struct CudaBackend {
     capturing: bool,
     /// Host rounds (`all_gather_host`) made so far.
     host_rounds: u64,
+    /// The host word `hold_stream`'s gates open (made at the first hold), and the holds so far.
+    hold_gate: Option<Arc<mem::HostWord>>,
+    holds: u64,
     /// Where this dispatcher's calls run: the rank's stream, or one the caller set.
     stream: Stream,
 }
@@ -408,6 +412,8 @@ impl CudaBackend {
             slot_leases: (0..STAGE_SLOTS).map(|_| Arc::new(())).collect(),
             graph_slots: vec![false; STAGE_SLOTS],
             capturing: false,
+            hold_gate: None,
+            holds: 0,
             host_rounds: 0,
             stream,
         })
@@ -437,7 +443,7 @@ impl CudaBackend {
             x_row_bytes: i32_of(x_row_bytes),
             stage_row_bytes: i32_of(self.shared.stage_row_bytes),
             begins_call: begins_call as i32,
-            reserved: 0,
+            frees_next_call: 0,
             epoch_ptr: self.epoch.ptr(),
             my_signals: self.peers.signals[self.rank],
             timeout_ns: c.timeout.as_nanos().min(u64::MAX as u128) as u64,
@@ -484,6 +490,10 @@ impl CudaBackend {
     /// Waits for this rank's work and turns a device-side error record into an error; errors that
     /// leave the group consistent (bad expert id, capacity) are cleared so the dispatcher goes on.
     pub(crate) fn synchronize(&mut self) -> Result<()> {
+        // Waiting for the stream behind a closed hold would wait out its timeout.
+        if let Some(word) = &self.hold_gate {
+            word.store(self.holds);
+        }
         let mut rec = [0u8; 16];
         self.check(self.err.read(&mut rec))?;
         let rec: [i32; 4] = bytemuck::cast(rec);
@@ -931,6 +941,28 @@ impl Backend for CudaBackend {
         self.check(r)
     }
 
+    fn hold_stream(&mut self) -> Result<Option<StreamGate>> {
+        // A hold recorded into a graph would wait on every replay for a gate opened once.
+        if self.capturing {
+            return Ok(None);
+        }
+        let word = match &self.hold_gate {
+            Some(w) => w.clone(),
+            None => {
+                let w = Arc::new(mem::HostWord::new(&self.device.ctx).map_err(device_error)?);
+                self.hold_gate.insert(w).clone()
+            }
+        };
+        self.holds += 1;
+        let until = self.holds;
+        let timeout_ns = self.dims(0, false).timeout_ns;
+        let r = self
+            .kernels
+            .hold(self.stream(), word.device_ptr(), until, timeout_ns);
+        self.check(r)?;
+        Ok(Some(StreamGate::new(move || word.store(until))))
+    }
+
     unsafe fn set_cuda_stream(&mut self, stream: u64) -> Result<()> {
         // Work queued on the old stream must not overlap the new stream's.
         self.stream.synchronize().map_err(device_error)?;
@@ -967,11 +999,15 @@ impl Backend for CudaBackend {
         let c = self.config.clone();
         let (world, kk, hidden) = (self.world, c.topk, c.hidden);
         let num_tokens = args.x.dims()[0];
-        let dm = self.dims(hidden * c.dtype.size(), false);
         let num_local = self.placement.num_local(self.rank);
         let expert_major = match c.layout {
             Layout::TokenMajor => None,
             Layout::ExpertMajor { align } => Some(align),
+        };
+        // Token-major, the call uses neither arrival counters nor back buffers.
+        let dm = EpDims {
+            frees_next_call: expert_major.is_none() as i32,
+            ..self.dims(hidden * c.dtype.size(), false)
         };
         let stage_rows = self.stage_rows();
         let cap = self.capacity_of_me();
@@ -1214,7 +1250,10 @@ impl Backend for CudaBackend {
         let row_bytes = self.config.hidden * dtype.size();
         let token_major = h.exp_rows.is_none();
         let slot = self.pick_slot(token_major && self.slot_holds_rows_of(dtype));
-        let first = self.dims(row_bytes, true);
+        let first = EpDims {
+            frees_next_call: token_major as i32,
+            ..self.dims(row_bytes, true)
+        };
         let (x_in, scales_in) = (ptr_of(&x), scales.as_ref().map(ptr_of));
         let (x, scales) = if token_major {
             self.send_payload(
@@ -1304,7 +1343,11 @@ impl Backend for CudaBackend {
         let h = cuda_state(handle);
         let cd = self.config.combine_dtype;
         let row_bytes = self.config.hidden * cd.size();
-        let first = self.dims(row_bytes, true);
+        // Token-major, a replay of grad_out; expert-major, the weight gradients come back.
+        let first = EpDims {
+            frees_next_call: h.exp_rows.is_none() as i32,
+            ..self.dims(row_bytes, true)
+        };
         let slot = self.pick_slot(h.exp_rows.is_none() && self.slot_holds_rows_of(cd));
         let grad = ptr_of(&grad_out);
         self.send_payload(
