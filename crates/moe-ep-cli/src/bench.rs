@@ -758,8 +758,8 @@ impl Plan {
             seed: self.seed,
             num_sms: self.num_sms,
             timing: match (self.backend, self.held) {
-                ("cuda", true) => "CUDA events; each call's stream held until the host queued \
-                                   all of it (the NCCL path: as queued)"
+                ("cuda", true) => "CUDA events; each of our calls held until the host queued all \
+                                   of it, the baselines as queued"
                     .into(),
                 ("cuda", false) => "CUDA events; each call runs as the host queues it".into(),
                 _ => "the host clock".into(),
@@ -795,14 +795,6 @@ fn start_ours(ep: &mut Dispatcher, plan: &Plan) -> moe_ep::Result<Timer> {
     match plan.held {
         true => ep.timer_held(),
         false => ep.timer_together(),
-    }
-}
-
-/// As [`start_ours`], for work on another stream of the same device (`held`: hold it).
-fn start_on(on: &impl moe_ep::Timed, ep: &mut Dispatcher, held: bool) -> moe_ep::Result<Timer> {
-    match held {
-        true => Timer::start_held(on, ep),
-        false => Timer::start_together(on, ep),
     }
 }
 
@@ -928,7 +920,6 @@ fn rank_iterations(
                 ep,
                 nb,
                 plan,
-                false,
                 keep,
                 |nb| nb.alltoall_dispatch(x.view(), idx.view()),
                 |nb, d, y| nb.alltoall_combine(d, y, weights.view()),
@@ -946,7 +937,6 @@ fn rank_iterations(
                 ep,
                 nb,
                 plan,
-                plan.held,
                 keep,
                 |nb| nb.allgather_dispatch(shape, x.view(), idx.view(), weights.view()),
                 |nb, d, y| nb.allgather_combine(d, y),
@@ -960,7 +950,7 @@ fn rank_iterations(
         if let (Some(pair), Some(samples)) = (ceilings.as_deref_mut(), ceiling_samples.as_mut()) {
             let round = |ep: &mut Dispatcher, c: &mut Ceiling| -> moe_ep::Result<Duration> {
                 barrier(ep)?;
-                let timer = start_on(&*c, ep, plan.held)?;
+                let timer = Timer::start_together(&*c, ep)?;
                 c.run()?;
                 timer.stop(&*c)
             };
@@ -1006,21 +996,20 @@ impl BaselineRows for AllGatherDispatch {
     }
 }
 
-/// One iteration of a baseline path, each call timed as ours are (a host barrier, then a timer
-/// started after a device barrier, behind a hold of the stream when `held`): dispatch; combine of the identity expert's rows; both again
-/// end to end. Returns the three times and, when `keep`, the outputs read to the host for the
-/// check.
+/// One iteration of a baseline path, each call timed as ours are by default (a host barrier, then
+/// a timer started after a device barrier; never held: see `--start`): dispatch; combine of the
+/// identity expert's rows; both again end to end. Returns the three times and, when `keep`, the
+/// outputs read to the host for the check.
 fn baseline_iteration<D: BaselineRows>(
     ep: &mut Dispatcher,
     nb: &mut NcclBaselines,
     plan: &Plan,
-    held: bool,
     keep: bool,
     dispatch: impl Fn(&mut NcclBaselines) -> moe_ep::Result<D>,
     combine: impl Fn(&mut NcclBaselines, &D, TensorRef<'_>) -> moe_ep::Result<DeviceTensor>,
 ) -> moe_ep::Result<([Duration; 3], Option<BaselineOutputs>)> {
     barrier(ep)?;
-    let timer = start_on(&*nb, ep, held)?;
+    let timer = Timer::start_together(&*nb, ep)?;
     let d = dispatch(nb)?;
     let dispatch_time = timer.stop(&*nb)?;
     let wy = match needs_widening(plan) {
@@ -1029,7 +1018,7 @@ fn baseline_iteration<D: BaselineRows>(
     };
     let y = wy.as_ref().map_or_else(|| d.rows().view(), |w| w.view());
     barrier(ep)?;
-    let timer = start_on(&*nb, ep, held)?;
+    let timer = Timer::start_together(&*nb, ep)?;
     let c = combine(nb, &d, y)?;
     let combine_time = timer.stop(&*nb)?;
     let kept = match keep {
@@ -1041,7 +1030,7 @@ fn baseline_iteration<D: BaselineRows>(
     };
     drop((c, d));
     barrier(ep)?;
-    let timer = start_on(&*nb, ep, held)?;
+    let timer = Timer::start_together(&*nb, ep)?;
     let d2 = dispatch(nb)?;
     let y2 = wy.as_ref().map_or_else(|| d2.rows().view(), |w| w.view());
     let c2 = combine(nb, &d2, y2)?;

@@ -110,10 +110,11 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 2)]
     pub warmup: u32,
 
-    /// When each timed call starts on the device: `held` (after the host queued all of it) or
-    /// `queued` (as the host queues it). The NCCL path needs the host in mid-call (its host-side
-    /// splits), so it always runs as queued.
-    #[arg(long, value_enum, default_value_t = StartChoice::Held)]
+    /// When each of our timed calls starts on the device: `queued` (as the host queues it) or
+    /// `held` (once the host queued all of it). The baselines always run as queued: while a
+    /// stream is held the host must not wait for the device, and NCCL may (the NCCL path's
+    /// host-side splits; device-wide synchronization in its setup).
+    #[arg(long, value_enum, default_value_t = StartChoice::Queued)]
     pub start: StartChoice,
 
     /// Timed iterations per T.

@@ -116,6 +116,25 @@ fn bench_expert_major() {
 }
 
 #[test]
+fn bench_starts_held_or_queued() {
+    // The CPU backend has no stream to hold: both run and check alike.
+    tiny_bench_passes(&["--start", "held"]);
+    tiny_bench_passes(&["--start", "queued"]);
+    let o = moe_ep(
+        &tiny_with(&["--start", "later"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("invalid value 'later' for '--start <START>'"),
+        "{err}"
+    );
+}
+
+#[test]
 fn bench_other_dtypes() {
     for dtype in ["f16", "f32", "fp8_e4m3"] {
         tiny_bench_passes(&["--dtype", dtype, "--layout", "expert-major"]);

@@ -166,18 +166,6 @@ __device__ void signal_all(const EpPeers& peers, const EpDims& dm, int sig) {
     }
 }
 
-// Tells every peer, before this call ends, that this rank's arrival counters and back buffers are
-// free for the next call (its EP_SIG_ENTER at the next call's number), so that call's enter_call
-// finds the flag raised instead of waiting a round trip for it. Raised once this call no longer
-// uses them: at the end of its last kernel (after that kernel's last block reset the counters), or
-// anywhere in a call that never uses them. Threads below world of one block; not after a failure
-// (the group is poisoned then).
-__device__ void signal_next_call(const EpPeers& peers, const EpDims& dm, const int* err) {
-    if (threadIdx.x < dm.world && !failed(err)) {
-        st_release_sys(signal_slot(peers.signals[threadIdx.x], EP_SIG_ENTER, dm.rank), call_epoch(dm) + 1);
-    }
-}
-
 // This rank's row in rank p's inbox for this call (double-buffered by call parity: a rank writes
 // call n + 2's row only once every rank finished call n).
 __device__ __forceinline__ uint64_t* inbox_row(const EpPeers& peers, const EpDims& dm, int p, int of_rank) {
@@ -241,8 +229,7 @@ __device__ bool wait_slots(const EpPeers& peers, const EpDims& dm, int* err) {
 // tells every peer this rank entered (so its buffers are free to overwrite: its previous call is
 // over), and every block waits until every peer did the same. With a receive slot to publish
 // (`recv_slot` >= 0), the inbox word carrying it is the message, as in notify; without, the
-// EP_SIG_ENTER flag, whose release store needs no fence before it (there is no data to publish),
-// and which a peer may have raised already during its previous call (signal_next_call).
+// EP_SIG_ENTER flag, whose release store needs no fence before it (there is no data to publish).
 __device__ bool enter_call(const EpPeers& peers, const EpDims& dm, int recv_slot, int* err) {
     if (recv_slot >= 0) {
         if (blockIdx.x == 0 && threadIdx.x < dm.world) {
@@ -974,14 +961,12 @@ __device__ bool expand_arrivals(const EpDims& dm, const EpExpand& ex, uint8_t* r
 // ex.send_warps warps of each block send and the others lay this rank's rows out as they arrive
 // (expand_arrivals), each with `stage_bytes` of the dynamic shared memory for its bulk copies
 // ((32 - send_warps) x stage_bytes per block, a multiple of 128 each); the last block then resets
-// the arrival counters, all full by then, and ends the call (signal_next_call). In a call that
-// uses neither those counters nor the back buffers (dm.frees_next_call), block 0 says so at once.
+// the arrival counters, all full by then.
 extern "C" __global__ void __launch_bounds__(1024)
     ep_dispatch_send(EpPeers peers, EpDims dm, const uint8_t* x, const float* scales, const void* topk, int idx64,
                      const float* weights, const int* expert_rank, const int* local_index, const int* pos,
                      const int* my_base_on, const int* slot_rank, int num_tokens, int payload_only, int recv_slot,
                      EpExpand ex, int stage_bytes, unsigned* done, int* err) {
-    if (dm.frees_next_call && blockIdx.x == 0) signal_next_call(peers, dm, err);
     const bool go = (dm.begins_call ? enter_call(peers, dm, recv_slot, err) : true) && block_ok(err);
     const int per_block = static_cast<int>(blockDim.x >> 5), w = static_cast<int>(threadIdx.x >> 5);
     const bool lays_out = ex.send_warps > 0;
@@ -1001,22 +986,16 @@ extern "C" __global__ void __launch_bounds__(1024)
         for (int i = threadIdx.x; i < dm.world * chunks; i += blockDim.x) {
             *arrival_counter(dm.my_signals, dm, i / chunks, i % chunks) = 0u;
         }
-        // The reset comes before the release through the barrier.
-        __syncthreads();
-        signal_next_call(peers, dm, err);
     }
     if (!lays_out) signal_all(peers, dm, EP_SIG_DATA);
-    // Every thread read the call number before thread 0 stores it.
     __syncthreads();
     if (threadIdx.x == 0) commit_call(dm);
 }
 
-// A call of its own (dm.begins_call): waits until every rank reached it, in stream order, on a
-// flag of its own (EP_SIG_ENTER may be up before a rank gets here). One block.
+// A call of its own (dm.begins_call): waits until every rank reached it, in stream order. One
+// block.
 extern "C" __global__ void ep_barrier(EpPeers peers, EpDims dm, int* err) {
-    signal_all(peers, dm, EP_SIG_BARRIER);
-    if (wait_all(dm, EP_SIG_BARRIER, err)) signal_next_call(peers, dm, err);
-    // Every thread read the call number before thread 0 stores it.
+    enter_call(peers, dm, -1, err);
     __syncthreads();
     if (threadIdx.x == 0) commit_call(dm);
 }
@@ -1413,10 +1392,9 @@ __device__ void reduce_tokens(const EpDims& dm, const T* back, const float* back
 // this rank sends nothing, so the sources time out naming it rather than reduce rows it never
 // sent. The last block zeroes the item counter and this rank's arrival counters for the next call:
 // every counter is full by then (each chunk was waited for), so no increment of this call is
-// still on its way; then it ends the call (signal_next_call). After a failure the group is
-// poisoned and they stay as they are. Expert-major, each sending warp gathers its partials
-// through a ring of ring_vecs x 32 vectors in the dynamic shared memory (send_warps x ring_vecs x
-// 512 bytes per block; ring_vecs 0 without one).
+// still on its way. After a failure the group is poisoned and they stay as they are. Expert-major,
+// each sending warp gathers its partials through a ring of ring_vecs x 32 vectors in the dynamic
+// shared memory (send_warps x ring_vecs x 512 bytes per block; ring_vecs 0 without one).
 template <typename T>
 __device__ void combine(const EpPeers& peers, const EpDims& dm, const T* y, const float* weights,
                         const float* row_weights, int unit_weights, const int* recv_base, const int* row_src,
@@ -1448,10 +1426,6 @@ __device__ void combine(const EpPeers& peers, const EpDims& dm, const T* y, cons
             *arrival_counter(dm.my_signals, dm, i / chunks, i % chunks) = 0u;
         }
     }
-    // The reset comes before the release through the barrier.
-    __syncthreads();
-    signal_next_call(peers, dm, err);
-    // Every thread read the call number before thread 0 stores it.
     __syncthreads();
     if (threadIdx.x == 0) commit_call(dm);
 }

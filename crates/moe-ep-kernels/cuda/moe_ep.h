@@ -6,13 +6,10 @@
 #define EP_MAX_WORLD 16
 
 // Flags each rank keeps, one u64 per (flag, source rank), holding the epoch last raised.
-#define EP_SIG_ENTER 0    // a rank is through with its earlier calls: its arrival counters and its
-                          // back buffers are free for this one (raised on entering the call, or
-                          // already during the call before: see signal_next_call)
-#define EP_SIG_DATA 1     // a rank's rows of this call are in the receiver's buffers
-#define EP_SIG_DATA2 2    // the second data phase of a call (combine_backward's weight gradients)
-#define EP_SIG_BARRIER 3  // a rank reached this call, a barrier
-#define EP_NUM_SIGNALS 4
+#define EP_SIG_ENTER 0  // a rank entered the call (dispatch: its counts are in the inbox)
+#define EP_SIG_DATA 1   // a rank's rows of this call are in the receiver's buffers
+#define EP_SIG_DATA2 2  // the second data phase of a call (combine_backward's weight gradients)
+#define EP_NUM_SIGNALS 3
 
 // After the flags, each rank's signals buffer holds its arrival counters: u32
 // [world][ceil(max_tokens / EP_CHUNK_TOKENS)]. In a combine, counter (d, c) counts the rows rank d
@@ -94,8 +91,7 @@ struct EpDims {
     int stage_row_bytes;  // H * max(sizeof(dispatch dtype), sizeof(combine dtype))
     int begins_call;      // 1: this kernel is its call's first: the call number is the counter + 1,
                           // and the kernel's last block stores it (see call_epoch)
-    int frees_next_call;  // 1: the call uses neither arrival counters nor back buffers, so its send
-                          // kernel tells the peers at once that they are free (signal_next_call)
+    int reserved;
     uint64_t epoch_ptr;   // u64 on this rank's device: the call number, the same on every rank
     uint64_t my_signals;  // this rank's flags (peers.signals[rank]), for kernels that only wait
     uint64_t timeout_ns;

@@ -137,9 +137,10 @@ impl Dispatcher {
     /// model whose host runs ahead of its GPU (see [`crate::Timer::start_held`]). `None` on the
     /// CPU backend, where calls run on the host, and while recording a graph. Whatever waits for
     /// the stream on the host must come after the gate opens: [`Dispatcher::synchronize`] (and so
-    /// a call with exact-sized outputs) opens it itself; a read of an output to the host does not.
-    /// The device stops waiting after the config's timeout, so a gate never opened delays the
-    /// stream, it does not hang it.
+    /// a call with exact-sized outputs) opens it itself; a read of an output to the host does not,
+    /// nor does a call that synchronizes the whole device (`cuMemFree`, some library setups such
+    /// as NCCL's). The device stops waiting after the config's timeout, so a gate never opened
+    /// delays the stream by that much; it does not hang it. A benchmarking aid.
     pub fn hold_stream(&mut self) -> Result<Option<crate::StreamGate>> {
         self.check_usable()?;
         self.run(|b| b.hold_stream())

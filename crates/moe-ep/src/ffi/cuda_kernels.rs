@@ -12,7 +12,7 @@ use std::sync::Arc;
 /// Must equal EP_MAX_WORLD in moe_ep.h.
 pub(crate) const MAX_WORLD: usize = 16;
 pub(crate) const SIG_DATA2: i32 = 2;
-pub(crate) const NUM_SIGNALS: usize = 4;
+pub(crate) const NUM_SIGNALS: usize = 3;
 /// Tokens per combine arrival counter (EP_CHUNK_TOKENS); the counters follow the flags in each
 /// rank's signals buffer, u32 [world][ceil(max_tokens / CHUNK_TOKENS)].
 pub(crate) const CHUNK_TOKENS: usize = 32;
@@ -72,9 +72,7 @@ pub(crate) struct EpDims {
     pub stage_row_bytes: i32,
     /// 1 when the kernel is its call's first (it advances the call number).
     pub begins_call: i32,
-    /// 1 when the call uses neither arrival counters nor back buffers (its send kernel then tells
-    /// the peers at once that they are free for the next call).
-    pub frees_next_call: i32,
+    pub reserved: i32,
     /// Address of this rank's call counter (a u64 on its device).
     pub epoch_ptr: u64,
     /// Address of this rank's flags (`EpPeers::signals[rank]`).

@@ -443,7 +443,7 @@ impl CudaBackend {
             x_row_bytes: i32_of(x_row_bytes),
             stage_row_bytes: i32_of(self.shared.stage_row_bytes),
             begins_call: begins_call as i32,
-            frees_next_call: 0,
+            reserved: 0,
             epoch_ptr: self.epoch.ptr(),
             my_signals: self.peers.signals[self.rank],
             timeout_ns: c.timeout.as_nanos().min(u64::MAX as u128) as u64,
@@ -999,15 +999,11 @@ impl Backend for CudaBackend {
         let c = self.config.clone();
         let (world, kk, hidden) = (self.world, c.topk, c.hidden);
         let num_tokens = args.x.dims()[0];
+        let dm = self.dims(hidden * c.dtype.size(), false);
         let num_local = self.placement.num_local(self.rank);
         let expert_major = match c.layout {
             Layout::TokenMajor => None,
             Layout::ExpertMajor { align } => Some(align),
-        };
-        // Token-major, the call uses neither arrival counters nor back buffers.
-        let dm = EpDims {
-            frees_next_call: expert_major.is_none() as i32,
-            ..self.dims(hidden * c.dtype.size(), false)
         };
         let stage_rows = self.stage_rows();
         let cap = self.capacity_of_me();
@@ -1250,10 +1246,7 @@ impl Backend for CudaBackend {
         let row_bytes = self.config.hidden * dtype.size();
         let token_major = h.exp_rows.is_none();
         let slot = self.pick_slot(token_major && self.slot_holds_rows_of(dtype));
-        let first = EpDims {
-            frees_next_call: token_major as i32,
-            ..self.dims(row_bytes, true)
-        };
+        let first = self.dims(row_bytes, true);
         let (x_in, scales_in) = (ptr_of(&x), scales.as_ref().map(ptr_of));
         let (x, scales) = if token_major {
             self.send_payload(
@@ -1343,11 +1336,7 @@ impl Backend for CudaBackend {
         let h = cuda_state(handle);
         let cd = self.config.combine_dtype;
         let row_bytes = self.config.hidden * cd.size();
-        // Token-major, a replay of grad_out; expert-major, the weight gradients come back.
-        let first = EpDims {
-            frees_next_call: h.exp_rows.is_none() as i32,
-            ..self.dims(row_bytes, true)
-        };
+        let first = self.dims(row_bytes, true);
         let slot = self.pick_slot(h.exp_rows.is_none() && self.slot_holds_rows_of(cd));
         let grad = ptr_of(&grad_out);
         self.send_payload(
