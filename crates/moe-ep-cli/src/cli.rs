@@ -112,8 +112,8 @@ pub struct BenchArgs {
 
     /// When each of our timed calls starts on the device: `queued` (as the host queues it) or
     /// `held` (once the host queued all of it). The baselines always run as queued: while a
-    /// stream is held the host must not wait for the device, and NCCL may (the NCCL path's
-    /// host-side splits; device-wide synchronization in its setup).
+    /// stream is held the host must not wait for the device, and NCCL's code may (the NCCL path
+    /// reads its splits to the host in mid-call).
     #[arg(long, value_enum, default_value_t = StartChoice::Queued)]
     pub start: StartChoice,
 
