@@ -174,6 +174,17 @@ fn config_for(layout: Layout, e: usize, k: usize, h: usize, t: usize) -> EpConfi
         .expect("valid config")
 }
 
+/// Token-major with capacity-sized outputs (the default sizing: no call waits for the device).
+fn capacity_sized(e: usize, k: usize, h: usize, t: usize) -> EpConfig {
+    EpConfig::builder()
+        .num_experts(e)
+        .topk(k)
+        .hidden(h)
+        .max_tokens_per_rank(t)
+        .build()
+        .expect("valid config")
+}
+
 const LAYOUTS: [Layout; 2] = [Layout::TokenMajor, Layout::ExpertMajor { align: 16 }];
 const SHAPE: (usize, usize, usize, usize) = (96, 512, 32, 8); // T, H, E, K
 
@@ -474,13 +485,7 @@ fn expert_ids_out_of_range_on_the_device_are_reported() {
         return;
     };
     let (t, h, e, k) = (4, 64, 4, 2);
-    let config = EpConfig::builder()
-        .num_experts(e)
-        .topk(k)
-        .hidden(h)
-        .max_tokens_per_rank(t)
-        .build()
-        .expect("valid config");
+    let config = capacity_sized(e, k, h, t);
     let results = run_ranks(&cuda, 2, |group| {
         let err = |e: EpError| e.to_string();
         let mut ep = Dispatcher::new(&group, config.clone()).map_err(err)?;
@@ -572,13 +577,7 @@ fn a_held_timer_times_the_device_not_the_host() {
     };
     let (t, h, e, k) = SHAPE;
     // Capacity-sized outputs: an exact-sized call waits for the device, opening the hold.
-    let config = EpConfig::builder()
-        .num_experts(e)
-        .topk(k)
-        .hidden(h)
-        .max_tokens_per_rank(t)
-        .build()
-        .expect("valid config");
+    let config = capacity_sized(e, k, h, t);
     let data = random_inputs(11, 2, t, h, e, k);
     let host_pause = Duration::from_millis(200);
     let times = run_ranks(&cuda, 2, |group| {
