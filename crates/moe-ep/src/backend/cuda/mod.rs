@@ -487,13 +487,18 @@ impl CudaBackend {
         r.map_err(device_error)
     }
 
+    /// Opens every hold of this rank's stream (see `hold_stream`), gates still alive or not.
+    fn open_holds(&self) {
+        if let Some(word) = &self.hold_gate {
+            word.store(self.holds);
+        }
+    }
+
     /// Waits for this rank's work and turns a device-side error record into an error; errors that
     /// leave the group consistent (bad expert id, capacity) are cleared so the dispatcher goes on.
     pub(crate) fn synchronize(&mut self) -> Result<()> {
         // Waiting for the stream behind a closed hold would wait out its timeout.
-        if let Some(word) = &self.hold_gate {
-            word.store(self.holds);
-        }
+        self.open_holds();
         let mut rec = [0u8; 16];
         self.check(self.err.read(&mut rec))?;
         let rec: [i32; 4] = bytemuck::cast(rec);
@@ -850,7 +855,9 @@ fn warps_from_env(name: &str) -> Option<i32> {
 impl Drop for CudaBackend {
     fn drop(&mut self) {
         // Work still queued on this rank's stream reads and writes the group's buffers; let it
-        // finish (every wait in it is bounded by the timeout) before they may be freed.
+        // finish (every wait in it is bounded by the timeout) before they may be freed, with
+        // every hold opened.
+        self.open_holds();
         let _ = self.stream.synchronize();
         let ControlPlane::Tcp(tcp) = &self.control else {
             return; // local groups free buffers when the last rank lets go of them
