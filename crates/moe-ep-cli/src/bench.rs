@@ -790,7 +790,7 @@ fn barrier(ep: &mut Dispatcher) -> moe_ep::Result<()> {
 }
 
 /// A timer for this rank's own calls, started together with the other ranks and, with
-/// `--start held`, behind a hold of the stream (`Timer::start_held`).
+/// `--start held`, behind a hold of the stream (`Dispatcher::timer_held`).
 fn start_ours(ep: &mut Dispatcher, plan: &Plan) -> moe_ep::Result<Timer> {
     match plan.held {
         true => ep.timer_held(),

@@ -134,7 +134,7 @@ impl Dispatcher {
 
     /// Holds this dispatcher's stream until the returned gate opens (or drops): work queued
     /// meanwhile then starts as soon as the device reaches it, not as the host queues it, as in a
-    /// model whose host runs ahead of its GPU (see [`crate::Timer::start_held`]). `None` on the
+    /// model whose host runs ahead of its GPU (see [`Dispatcher::timer_held`]). `None` on the
     /// CPU backend, where calls run on the host, and while recording a graph. Whatever waits for
     /// the stream on the host must come after the gate opens: [`Dispatcher::synchronize`] (and so
     /// a call with exact-sized outputs) opens it itself; a read of an output to the host does not,

@@ -39,7 +39,7 @@ impl sealed::Sealed for crate::baseline::Ceiling {}
 /// [`Timer::stop`] after them.
 pub struct Timer {
     inner: Inner,
-    /// The hold of [`Timer::start_held`], opened once the span's end is queued.
+    /// The hold of [`Dispatcher::timer_held`], opened once the span's end is queued.
     gate: Option<StreamGate>,
 }
 
@@ -163,18 +163,6 @@ impl Timer {
         }
         Timer::start(on)
     }
-
-    /// [`Timer::start_together`] behind a hold of `ep`'s stream ([`Dispatcher::hold_stream`])
-    /// that [`Timer::stop`] opens once the span's end is queued: the device then runs the timed
-    /// work back to back, as a stream that runs ahead of its host does, so the time is the
-    /// device's, without the host's launch latency. Without a stream (the CPU backend), as
-    /// [`Timer::start_together`].
-    pub fn start_held(on: &impl Timed, ep: &mut Dispatcher) -> Result<Timer> {
-        let gate = ep.hold_stream()?;
-        let mut timer = Timer::start_together(on, ep)?;
-        timer.gate = gate;
-        Ok(timer)
-    }
 }
 
 impl Dispatcher {
@@ -184,7 +172,11 @@ impl Dispatcher {
         Timer::start(self)
     }
 
-    /// [`Timer::start_held`] for this dispatcher's own calls.
+    /// [`Dispatcher::timer_together`] behind a hold of this dispatcher's stream
+    /// ([`Dispatcher::hold_stream`]) that [`Timer::stop`] opens once the span's end is queued: the
+    /// device then runs the timed calls back to back, as a stream that runs ahead of its host
+    /// does, so the time is the device's, without the host's launch latency. Without a stream
+    /// (the CPU backend), as [`Dispatcher::timer_together`].
     pub fn timer_held(&mut self) -> Result<Timer> {
         let gate = self.hold_stream()?;
         let mut timer = self.timer_together()?;
