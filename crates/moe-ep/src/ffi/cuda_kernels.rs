@@ -136,6 +136,21 @@ pub(crate) struct CombineReduce {
     pub out_side: u64,
 }
 
+impl CombineReduce {
+    /// These fields as kernel arguments, in the order `ep_combine` and `ep_combine_reduce` take
+    /// them.
+    fn args(&self) -> [Arg; 6] {
+        [
+            Arg::Ptr(self.back),
+            Arg::Ptr(self.back_side),
+            Arg::Ptr(self.pos),
+            Arg::Int(self.num_tokens),
+            Arg::Ptr(self.out),
+            Arg::Ptr(self.out_side),
+        ]
+    }
+}
+
 /// One kernel argument, stored by value until the launch copies it.
 enum Arg {
     Ptr(u64),
@@ -607,7 +622,7 @@ impl Kernels {
             0 => 0,
             _ => RING_VECS_MAX.min(self.ring_bytes / (send_warps as u32 * RING_BYTES_PER_VEC)),
         };
-        let args = vec![
+        let sends = [
             Arg::Peers(Box::new(*peers)),
             Arg::Dims(dm),
             Arg::Ptr(send.y),
@@ -622,17 +637,14 @@ impl Kernels {
             Arg::Int(send.side_mode),
             Arg::Ptr(send.offsets),
             Arg::Int(send.rows_given),
-            Arg::Ptr(reduce.back),
-            Arg::Ptr(reduce.back_side),
-            Arg::Ptr(reduce.pos),
-            Arg::Int(reduce.num_tokens),
-            Arg::Ptr(reduce.out),
-            Arg::Ptr(reduce.out_side),
+        ];
+        let rest = [
             Arg::Int(send_warps),
             Arg::Int(ring_vecs as i32),
             Arg::Ptr(done),
             Arg::Ptr(err),
         ];
+        let args = sends.into_iter().chain(reduce.args()).chain(rest).collect();
         let shared = send_warps as u32 * ring_vecs * RING_BYTES_PER_VEC;
         let f = &self.typed(elem).combine;
         launch_with_shared(s, f, grid, shared, args, "ep_combine")
@@ -649,17 +661,11 @@ impl Kernels {
         sig: i32,
         err: u64,
     ) -> Result<(), String> {
-        let args = vec![
-            Arg::Dims(dm),
-            Arg::Ptr(reduce.back),
-            Arg::Ptr(reduce.back_side),
-            Arg::Ptr(reduce.pos),
-            Arg::Int(reduce.num_tokens),
-            Arg::Ptr(reduce.out),
-            Arg::Ptr(reduce.out_side),
-            Arg::Int(sig),
-            Arg::Ptr(err),
-        ];
+        let args = [Arg::Dims(dm)]
+            .into_iter()
+            .chain(reduce.args())
+            .chain([Arg::Int(sig), Arg::Ptr(err)])
+            .collect();
         launch(
             s,
             &self.typed(elem).combine_reduce,
