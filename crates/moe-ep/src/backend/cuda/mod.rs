@@ -662,15 +662,28 @@ impl CudaBackend {
         with_scales: bool,
         slot: &RecvSlot,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let hidden = self.config.hidden;
         let (x, scales, in_place) = self.payload_tensors(out_rows, dtype, with_scales, slot)?;
-        let (x_ptr, sc_ptr) = match in_place {
-            true => (0, 0),
-            false => (
-                x.device_ptr().expect("device tensor"),
-                ptr_or_null(scales.as_ref().and_then(Tensor::device_ptr)),
-            ),
+        self.lay_out_token_major(dm, h, slot, (&x, scales.as_ref(), in_place), None)?;
+        Ok((x, scales))
+    }
+
+    /// The token-major layout kernel: once every rank's rows arrived, copies them from the
+    /// receive slot `slot` into `payload` (rows, scales, and whether those are the slot's own
+    /// rows: then nothing is copied) and, for a dispatch, writes `meta`, every row of it.
+    fn lay_out_token_major(
+        &self,
+        dm: EpDims,
+        h: &CudaHandle,
+        slot: &RecvSlot,
+        payload: (&Tensor, Option<&Tensor>, bool),
+        meta: Option<TokenMeta>,
+    ) -> Result<()> {
+        let (x, scales, in_place) = payload;
+        let copied = |t: Option<&Tensor>| match in_place {
+            true => 0,
+            false => ptr_or_null(t.and_then(Tensor::device_ptr)),
         };
+        let m = meta.unwrap_or_default();
         let stage = self.shared.slot(slot.index);
         let r = self.kernels.layout_token_major(
             self.stream(),
@@ -680,20 +693,19 @@ impl CudaBackend {
             stage.scales,
             stage.meta,
             h.recv_base.ptr(),
-            true,
-            i32_of(hidden * dtype.size()),
-            i32_of(out_rows),
-            x_ptr,
-            sc_ptr,
-            0,
-            0,
-            0,
-            0,
-            0,
+            meta.is_none(),
+            i32_of(x.dims()[1] * x.dtype().size()),
+            i32_of(x.dims()[0]),
+            copied(Some(x)),
+            copied(scales),
+            m.topk,
+            m.weights,
+            m.src,
+            m.row_src,
+            m.row_slots,
             self.err.ptr(),
         );
-        self.check(r)?;
-        Ok((x, scales))
+        self.check(r)
     }
 
     /// The expert-major layout the send kernel's receiving warps write into `x` (and `scales`)
@@ -823,6 +835,17 @@ impl CudaBackend {
         );
         self.check(r)
     }
+}
+
+/// What a token-major dispatch's layout writes besides the payload (device addresses, 0 for an
+/// absent one): `topk_idx`, the weights, `src`, and the handle's (source, token) and slot ids.
+#[derive(Debug, Clone, Copy, Default)]
+struct TokenMeta {
+    topk: u64,
+    weights: u64,
+    src: u64,
+    row_src: u64,
+    row_slots: u64,
 }
 
 /// Warps of each 32-warp block of `ep_combine` that send rows back first; the others reduce from
@@ -1016,7 +1039,6 @@ impl Backend for CudaBackend {
         let cap = self.capacity_of_me();
         let has_weights = args.weights.is_some();
         let slot = self.pick_slot(expert_major.is_none() && self.slot_holds_rows_of(c.dtype));
-        let stage = self.shared.slot(slot.index);
 
         // Two allocations for every small buffer of the call, taken before the first launch: the
         // handle's state, and the metadata outputs (each group is dropped together). The payload
@@ -1163,31 +1185,15 @@ impl Backend for CudaBackend {
             false => {
                 let row_slots = row_map.take().expect("token-major row slots");
                 let (topk_out, w) = (row_ids, row_w);
-                let payload_ptr = |t: Option<&Tensor>| match in_place {
-                    true => 0,
-                    false => ptr_or_null(t.and_then(Tensor::device_ptr)),
+                let meta = TokenMeta {
+                    topk: topk_out.device_ptr().expect("device"),
+                    weights: ptr_or_null(w.as_ref().and_then(Tensor::device_ptr)),
+                    src: src_ptr,
+                    row_src: handle.row_src.ptr(),
+                    row_slots: row_slots.ptr(),
                 };
-                let r = self.kernels.layout_token_major(
-                    self.stream(),
-                    self.grid(),
-                    dm,
-                    stage.x,
-                    stage.scales,
-                    stage.meta,
-                    handle.recv_base.ptr(),
-                    false,
-                    i32_of(hidden * c.dtype.size()),
-                    i32_of(cap),
-                    payload_ptr(Some(&x)),
-                    payload_ptr(scales.as_ref()),
-                    topk_out.device_ptr().expect("device"),
-                    ptr_or_null(w.as_ref().and_then(Tensor::device_ptr)),
-                    src_ptr,
-                    handle.row_src.ptr(),
-                    row_slots.ptr(),
-                    self.err.ptr(),
-                );
-                self.check(r)?;
+                let payload = (&x, scales.as_ref(), in_place);
+                self.lay_out_token_major(dm, &handle, &slot, payload, Some(meta))?;
                 handle.row_slots = Some(row_slots);
                 (Some(topk_out), w, None)
             }
