@@ -149,8 +149,8 @@ pub struct BenchArgs {
     #[arg(long, default_value = "all", value_parser = parse_baselines)]
     pub baselines: BaselineSet,
 
-    /// SMs (thread blocks) the dispatcher's kernels may use (EpConfig::num_sms) [default: every
-    /// SM of the GPU].
+    /// SMs (thread blocks) the dispatcher's kernels may use (EpConfig::num_sms) [default: the
+    /// backend's own: 24 on cuda, capped at each rank's share of the GPU's SMs].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub num_sms: Option<u32>,
 

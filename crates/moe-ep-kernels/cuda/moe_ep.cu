@@ -74,6 +74,19 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
     return t;
 }
 
+// Programmatic dependent launch (sm_90). Where each rank has a GPU of its own, the host launches
+// the kernels of a call so that one may be scheduled before the kernel ahead of it in the stream
+// has finished. Every kernel first waits until the grids ahead of it completed and their memory
+// is visible (what plain stream order gives), then lets the next kernel's blocks be scheduled, so
+// that its launch overlaps this kernel's run instead of following its end. At most two grids of
+// a rank are resident at once, and the earlier one's blocks are all resident before the later
+// one's, so the spin waits of the earlier one never wait for room. Launched without the
+// attribute, both instructions do nothing.
+__device__ __forceinline__ void follow_prior_grids() {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
 
 // This call's number, the same on every rank. A call's first kernel (dm.begins_call) sees the
 // counter still at the previous call and adds one; its last block stores the new value (see
@@ -614,6 +627,7 @@ extern "C" __global__ void __launch_bounds__(1024)
                     int* counts, int* slot_rank, int* rank_scratch, int* recv_base, int* my_base_on,
                     int* out_per_src, int* out_per_expert, int* out_offsets, int* group_base, unsigned* done,
                     int* err) {
+    follow_prior_grids();
     if (blockIdx.x < dm.world) {
         route_block(dm, topk, idx64, num_tokens, expert_rank, pos, counts, done);
         return;
@@ -967,6 +981,7 @@ extern "C" __global__ void __launch_bounds__(1024)
                      const float* weights, const int* expert_rank, const int* local_index, const int* pos,
                      const int* my_base_on, const int* slot_rank, int num_tokens, int payload_only, int recv_slot,
                      EpExpand ex, int stage_bytes, unsigned* done, int* err) {
+    follow_prior_grids();
     const bool go = (dm.begins_call ? enter_call(peers, dm, recv_slot, err) : true) && block_ok(err);
     const int per_block = static_cast<int>(blockDim.x >> 5), w = static_cast<int>(threadIdx.x >> 5);
     const bool lays_out = ex.send_warps > 0;
@@ -995,6 +1010,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 // A call of its own (dm.begins_call): waits until every rank reached it, in stream order. One
 // block.
 extern "C" __global__ void ep_barrier(EpPeers peers, EpDims dm, int* err) {
+    follow_prior_grids();
     enter_call(peers, dm, -1, err);
     __syncthreads();
     if (threadIdx.x == 0) commit_call(dm);
@@ -1011,6 +1027,7 @@ extern "C" __global__ void __launch_bounds__(1024)
                           const int* recv_base, int payload_only, int out_row_bytes, int out_rows, uint8_t* out_x,
                           float* out_scales, int* out_topk, float* out_weights, int* out_src, int* row_src,
                           int* row_slots, int* err) {
+    follow_prior_grids();
     if (!wait_all(dm, EP_SIG_DATA, err)) return;
     const int lane = threadIdx.x & 31;
     const int K = dm.topk, rows = recv_base[dm.world];
@@ -1493,6 +1510,7 @@ __device__ void combine_backward_expert(const EpPeers& peers, const EpDims& dm, 
         const int* exp_rows, const float* side, int side_mode, const int* offsets, int rows_given,          \
         const T* back, const float* back_side, const int* pos, int num_tokens, T* out, float* out_side,     \
         int send_warps, int ring_vecs, unsigned* done, int* err) {                                          \
+        follow_prior_grids();                                                                               \
         combine<T>(peers, dm, y, weights, row_weights, unit_weights, recv_base, row_src, row_slots,         \
                    exp_rows, side, side_mode, offsets, rows_given, back, back_side, pos, num_tokens, out,   \
                    out_side, send_warps, ring_vecs, done, err);                                             \
@@ -1500,12 +1518,14 @@ __device__ void combine_backward_expert(const EpPeers& peers, const EpDims& dm, 
     extern "C" __global__ void __launch_bounds__(1024) ep_combine_reduce_##SUFFIX(                          \
         EpDims dm, const T* back, const float* back_side, const int* pos, int num_tokens, T* out,           \
         float* out_side, int sig, int* err) {                                                               \
+        follow_prior_grids();                                                                               \
         combine_reduce<T>(dm, back, back_side, pos, num_tokens, out, out_side, sig, err);                   \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(1024) ep_combine_backward_expert_##SUFFIX(                 \
         EpPeers peers, EpDims dm, const T* stage_g, const T* y, const float* row_weights,                   \
         const int* recv_base, const int* row_src, const int* exp_rows, const int* offsets, int rows_given,   \
         T* grad_y, unsigned* done, int* err) {                                                              \
+        follow_prior_grids();                                                                               \
         combine_backward_expert<T>(peers, dm, stage_g, y, row_weights, recv_base, row_src, exp_rows,        \
                                    offsets, rows_given, grad_y, done, err);                                 \
     }

@@ -78,6 +78,11 @@ fn run_rank_on(
             return Err("a CUDA dispatcher runs on a GPU".into());
         };
         let ctx = CudaContext::new(ordinal as usize).map_err(|e| format!("{e:?}"))?;
+        // cudarc synchronizes a tracking context before its first new stream: with another rank
+        // of this GPU already in a kernel that waits for this one, that would wait out the
+        // timeout.
+        // SAFETY: this test allocates no CudaSlice, the only thing event tracking protects.
+        unsafe { ctx.disable_event_tracking() };
         stream = ctx.new_stream().map_err(|e| format!("{e:?}"))?;
         let raw = stream.cu_stream() as u64;
         // SAFETY: a stream of this GPU's primary context, alive until after the dispatcher and

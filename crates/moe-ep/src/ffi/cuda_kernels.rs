@@ -5,7 +5,7 @@
 
 use super::cuda_memory::describe;
 use super::cuda_stream::Stream;
-use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule};
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule};
 use std::ffi::c_void;
 use std::sync::Arc;
 
@@ -207,6 +207,8 @@ pub(crate) struct Kernels {
     ring_bytes: u32,
     /// Dynamic shared memory `ep_dispatch_send` may take for its laying-out warps' bulk copies.
     layout_shared_bytes: u32,
+    /// How the data kernels start (ep_hold always starts after the kernel ahead).
+    start: Start,
 }
 
 /// The most dynamic shared memory the gather rings of `ep_combine_*` take per block: 16 vectors
@@ -235,6 +237,13 @@ fn layout_stage_bytes_max() -> u32 {
     })
 }
 
+/// Whether the data kernels start overlapping the kernel ahead of them ([`Start`]): yes, unless
+/// MOE_EP_OVERLAP_LAUNCHES is 0 (for measuring what the overlap gains).
+fn overlap_launches_from_env() -> bool {
+    static OVERLAP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OVERLAP.get_or_init(|| std::env::var("MOE_EP_OVERLAP_LAUNCHES").map_or(true, |v| v != "0"))
+}
+
 /// Shared memory the kernels keep for their static variables, below the opt-in limit.
 const STATIC_SHARED_RESERVE: u32 = 16 * 1024;
 
@@ -253,23 +262,25 @@ pub(crate) struct Grid {
     pub threads: u32,
 }
 
-fn launch(
-    stream: &Stream,
-    f: &CudaFunction,
-    grid: Grid,
-    args: Vec<Arg>,
-    name: &str,
-) -> Result<(), String> {
-    launch_with_shared(stream, f, grid, 0, args, name)
+/// How a kernel may start relative to the kernel ahead of it in the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// Once the kernel ahead finished (plain stream order).
+    AfterPrior,
+    /// Scheduled as soon as every block of the kernel ahead let it (programmatic dependent
+    /// launch); the kernel itself then waits for the one ahead to complete before it touches
+    /// memory (follow_prior_grids in moe_ep.cu), so only its launch overlaps.
+    OverlappingPrior,
 }
 
-/// [`launch`] with `shared_bytes` of dynamic shared memory per block (within what the function
-/// was allowed at load).
-fn launch_with_shared(
+/// Launches `f` on `stream` with `shared_bytes` of dynamic shared memory per block (within what
+/// the function was allowed at load).
+fn launch_with(
     stream: &Stream,
     f: &CudaFunction,
     grid: Grid,
     shared_bytes: u32,
+    start: Start,
     mut args: Vec<Arg>,
     name: &str,
 ) -> Result<(), String> {
@@ -277,21 +288,41 @@ fn launch_with_shared(
         return Ok(());
     }
     let mut params: Vec<*mut c_void> = args.iter_mut().map(Arg::param).collect();
+    let mut value = sys::CUlaunchAttributeValue { pad: [0; 64] };
+    value.programmaticStreamSerializationAllowed = 1;
+    let mut overlap = sys::CUlaunchAttribute {
+        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+        pad: [0; 4],
+        value,
+    };
+    let config = sys::CUlaunchConfig {
+        gridDimX: grid.blocks,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: grid.threads,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: shared_bytes,
+        hStream: stream.raw(),
+        attrs: &mut overlap,
+        numAttrs: u32::from(start == Start::OverlappingPrior),
+    };
     // SAFETY: every caller below passes exactly the kernel's parameters, in order and with the
     // kernel's types (device addresses as u64, ints as i32, the two structs mirrored from
     // moe_ep.h), and addresses of buffers sized as the kernel's comment states that stay alive
     // until the stream has run the kernel (they are owned by the dispatcher, the handle or the
-    // caller's tensors). `args` outlives the call, which copies the parameters.
+    // caller's tensors). `args` and `overlap` outlive the call, which copies the parameters and
+    // the attributes. A kernel launched OverlappingPrior waits for the grids ahead of it before
+    // it touches memory (follow_prior_grids), so it sees what stream order would give it.
     unsafe {
-        result::launch_kernel(
+        sys::cuLaunchKernelEx(
+            &config,
             f.cu_function(),
-            (grid.blocks, 1, 1),
-            (grid.threads, 1, 1),
-            shared_bytes,
-            stream.raw(),
-            &mut params,
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
         )
     }
+    .result()
     .map_err(|e| describe(&format!("launching {name}"), e))
 }
 
@@ -362,7 +393,31 @@ impl Kernels {
             typed,
             ring_bytes,
             layout_shared_bytes,
+            start: match overlap_launches_from_env() {
+                true => Start::OverlappingPrior,
+                false => Start::AfterPrior,
+            },
         })
+    }
+
+    /// Starts every kernel after the one ahead of it, for ranks that share a GPU: each rank's
+    /// next kernel would hold SMs that the other ranks' current kernels may still need.
+    pub(crate) fn without_overlapping_launches(mut self) -> Self {
+        self.start = Start::AfterPrior;
+        self
+    }
+
+    /// [`launch_with`] for the data kernels, started as `self.start` says.
+    fn launch(
+        &self,
+        stream: &Stream,
+        f: &CudaFunction,
+        grid: Grid,
+        shared_bytes: u32,
+        args: Vec<Arg>,
+        name: &str,
+    ) -> Result<(), String> {
+        launch_with(stream, f, grid, shared_bytes, self.start, args, name)
     }
 
     /// Keeps `ep_dispatch_send`'s layout off bulk copies (for ranks that share a GPU).
@@ -437,7 +492,7 @@ impl Kernels {
             Arg::Ptr(done),
             Arg::Ptr(err),
         ];
-        launch(s, &self.route_notify, grid, args, "ep_route_notify")
+        self.launch(s, &self.route_notify, grid, 0, args, "ep_route_notify")
     }
 
     /// A barrier among the ranks, as a call of its own (`dm.begins_call`). One block.
@@ -453,7 +508,7 @@ impl Kernels {
             threads: 32,
         };
         let args = vec![Arg::Peers(Box::new(*peers)), Arg::Dims(dm), Arg::Ptr(err)];
-        launch(s, &self.barrier, grid, args, "ep_barrier")
+        self.launch(s, &self.barrier, grid, 0, args, "ep_barrier")
     }
 
     /// Holds the stream until the host stores `until` or more into the host word at `gate` (a
@@ -470,7 +525,8 @@ impl Kernels {
             threads: 1,
         };
         let args = vec![Arg::Ptr(gate), Arg::U64(until), Arg::U64(timeout_ns)];
-        launch(s, &self.hold, grid, args, "ep_hold")
+        // Plain order: the hold is what the kernels behind it wait for, and it waits for nothing.
+        launch_with(s, &self.hold, grid, 0, Start::AfterPrior, args, "ep_hold")
     }
 
     /// Sends every token to its destinations; with `expand.send_warps` > 0, the other warps of
@@ -542,7 +598,7 @@ impl Kernels {
             Arg::Ptr(err),
         ];
         let shared = layout_warps * stage_bytes;
-        launch_with_shared(
+        self.launch(
             s,
             &self.dispatch_send,
             grid,
@@ -592,10 +648,11 @@ impl Kernels {
             Arg::Ptr(row_slots),
             Arg::Ptr(err),
         ];
-        launch(
+        self.launch(
             s,
             &self.layout_token_major,
             grid,
+            0,
             args,
             "ep_layout_token_major",
         )
@@ -647,7 +704,7 @@ impl Kernels {
         let args = sends.into_iter().chain(reduce.args()).chain(rest).collect();
         let shared = send_warps as u32 * ring_vecs * RING_BYTES_PER_VEC;
         let f = &self.typed(elem).combine;
-        launch_with_shared(s, f, grid, shared, args, "ep_combine")
+        self.launch(s, f, grid, shared, args, "ep_combine")
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -666,10 +723,11 @@ impl Kernels {
             .chain(reduce.args())
             .chain([Arg::Int(sig), Arg::Ptr(err)])
             .collect();
-        launch(
+        self.launch(
             s,
             &self.typed(elem).combine_reduce,
             grid,
+            0,
             args,
             "ep_combine_reduce",
         )
@@ -710,10 +768,11 @@ impl Kernels {
             Arg::Ptr(done),
             Arg::Ptr(err),
         ];
-        launch(
+        self.launch(
             s,
             &self.typed(elem).combine_backward_expert,
             grid,
+            0,
             args,
             "ep_combine_backward_expert",
         )

@@ -365,7 +365,7 @@ impl CudaBackend {
         let group = join_group(&control, rank, channel, &device, &shared, &config)?;
         let kernels = match group.ranks_on_my_gpu {
             0 | 1 => kernels,
-            _ => kernels.without_bulk_layout(),
+            _ => kernels.without_bulk_layout().without_overlapping_launches(),
         };
         let peers = group.peers;
         let e = config.num_experts;
