@@ -496,7 +496,8 @@ fn library_pool(ctx: &Arc<CudaContext>) -> Result<sys::CUmemoryPool, String> {
     let mut pool = std::ptr::null_mut();
     let mut threshold = u64::MAX;
     // SAFETY: `props` describes this device; the driver writes `pool` before it is used, and the
-    // attribute takes a pointer to a u64 that lives through the call.
+    // attributes take pointers to a u64 and an i32 (as the driver documents each) that live
+    // through the calls.
     unsafe {
         sys::cuMemPoolCreate(&mut pool, &props)
             .result()
@@ -505,6 +506,18 @@ fn library_pool(ctx: &Arc<CudaContext>) -> Result<sys::CUmemoryPool, String> {
             pool,
             sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
             &mut threshold as *mut u64 as *mut std::ffi::c_void,
+        )
+        .result()
+        .map_err(|e| describe("cuMemPoolSetAttribute", e))?;
+        // Ranks sharing a GPU share this pool. Left to itself, the driver may hand one rank's
+        // freed memory to another rank's stream by making that stream wait for the first one;
+        // with both ranks' kernels waiting for each other, that wait would last until the
+        // timeout. Reuse stays allowed where the free is already done or already ordered.
+        let mut no: i32 = 0;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_REUSE_ALLOW_INTERNAL_DEPENDENCIES,
+            &mut no as *mut i32 as *mut std::ffi::c_void,
         )
         .result()
         .map_err(|e| describe("cuMemPoolSetAttribute", e))?;

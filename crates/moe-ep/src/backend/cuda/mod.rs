@@ -487,6 +487,12 @@ impl CudaBackend {
         r.map_err(device_error)
     }
 
+    /// Reads the device's error record once this rank's current stream is done: the stream the
+    /// calls run on, which after `set_cuda_stream` is not the one `err` was made on.
+    fn read_err(&self, rec: &mut [u8; 16]) -> std::result::Result<(), String> {
+        mem::read_device(self.stream(), self.err.ptr(), rec)
+    }
+
     /// Opens every hold of this rank's stream (see `hold_stream`), gates still alive or not.
     fn open_holds(&self) {
         if let Some(word) = &self.hold_gate {
@@ -500,7 +506,7 @@ impl CudaBackend {
         // Waiting for the stream behind a closed hold would wait out its timeout.
         self.open_holds();
         let mut rec = [0u8; 16];
-        self.check(self.err.read(&mut rec))?;
+        self.check(self.read_err(&mut rec))?;
         let rec: [i32; 4] = bytemuck::cast(rec);
         let error = match rec[0] {
             0 => return Ok(()),
@@ -889,7 +895,7 @@ impl Drop for CudaBackend {
         // call: meet once more before freeing. A poisoned group (a peer gone) may never meet, so
         // its memory is left mapped rather than freed under a peer's stores.
         let mut rec = [0u8; 16];
-        let poisoned = self.err.read(&mut rec).is_err()
+        let poisoned = self.read_err(&mut rec).is_err()
             || bytemuck::cast::<_, [i32; 4]>(rec)[0] == k::ERR_TIMEOUT;
         let met = !poisoned
             && tcp
