@@ -445,21 +445,47 @@ pub(crate) fn keep_pool_memory(ctx: &Arc<CudaContext>) -> Result<(), String> {
         .map_err(|e| describe("binding the context", e))?;
     let dev = result::device::get(ctx.ordinal() as i32).map_err(|e| describe("cuDeviceGet", e))?;
     let mut pool = std::mem::MaybeUninit::uninit();
-    let mut threshold = u64::MAX;
-    // SAFETY: `dev` is a valid device; the pool handle is written by the driver before use, and the
-    // attribute takes a pointer to a u64 that lives through the call.
-    unsafe {
+    // SAFETY: `dev` is a valid device; the driver writes the pool handle before it is read.
+    let pool = unsafe {
         sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), dev)
             .result()
             .map_err(|e| describe("cuDeviceGetDefaultMemPool", e))?;
-        sys::cuMemPoolSetAttribute(
-            pool.assume_init(),
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            &mut threshold as *mut u64 as *mut std::ffi::c_void,
-        )
-        .result()
-        .map_err(|e| describe("cuMemPoolSetAttribute", e))
+        pool.assume_init()
+    };
+    keep_freed_memory(pool)
+}
+
+/// Pool attribute values by the type the driver documents for each.
+enum PoolAttribute {
+    /// Bytes the pool keeps when it could give memory back (`u64`).
+    ReleaseThreshold(u64),
+    /// Whether reusing freed memory may make a stream wait for another (`i32`, 0 or 1).
+    ReuseAllowInternalDependencies(bool),
+}
+
+fn set_pool_attribute(pool: sys::CUmemoryPool, attribute: PoolAttribute) -> Result<(), String> {
+    use sys::CUmemPool_attribute as A;
+    // SAFETY (both calls): `pool` is a live pool handle, and the value points to a local of the
+    // type the driver documents for that attribute, alive through the call.
+    match attribute {
+        PoolAttribute::ReleaseThreshold(mut bytes) => unsafe {
+            let value: *mut u64 = &mut bytes;
+            sys::cuMemPoolSetAttribute(pool, A::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, value.cast())
+        },
+        PoolAttribute::ReuseAllowInternalDependencies(allow) => unsafe {
+            let mut flag = i32::from(allow);
+            let value: *mut i32 = &mut flag;
+            let id = A::CU_MEMPOOL_ATTR_REUSE_ALLOW_INTERNAL_DEPENDENCIES;
+            sys::cuMemPoolSetAttribute(pool, id, value.cast())
+        },
     }
+    .result()
+    .map_err(|e| describe("cuMemPoolSetAttribute", e))
+}
+
+/// Never gives freed memory back to the driver: later allocations reuse it without mapping anew.
+fn keep_freed_memory(pool: sys::CUmemoryPool) -> Result<(), String> {
+    set_pool_attribute(pool, PoolAttribute::ReleaseThreshold(u64::MAX))
 }
 
 /// Where a [`StreamBuffer`]'s memory comes from.
@@ -494,34 +520,16 @@ fn library_pool(ctx: &Arc<CudaContext>) -> Result<sys::CUmemoryPool, String> {
     props.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
     props.location.id = ordinal as i32;
     let mut pool = std::ptr::null_mut();
-    let mut threshold = u64::MAX;
-    // SAFETY: `props` describes this device; the driver writes `pool` before it is used, and the
-    // attributes take pointers to a u64 and an i32 (as the driver documents each) that live
-    // through the calls.
-    unsafe {
-        sys::cuMemPoolCreate(&mut pool, &props)
-            .result()
-            .map_err(|e| describe("cuMemPoolCreate", e))?;
-        sys::cuMemPoolSetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            &mut threshold as *mut u64 as *mut std::ffi::c_void,
-        )
+    // SAFETY: `props` describes this device; the driver writes `pool` before it is used.
+    unsafe { sys::cuMemPoolCreate(&mut pool, &props) }
         .result()
-        .map_err(|e| describe("cuMemPoolSetAttribute", e))?;
-        // Ranks sharing a GPU share this pool. Left to itself, the driver may hand one rank's
-        // freed memory to another rank's stream by making that stream wait for the first one;
-        // with both ranks' kernels waiting for each other, that wait would last until the
-        // timeout. Reuse stays allowed where the free is already done or already ordered.
-        let mut no: i32 = 0;
-        sys::cuMemPoolSetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_REUSE_ALLOW_INTERNAL_DEPENDENCIES,
-            &mut no as *mut i32 as *mut std::ffi::c_void,
-        )
-        .result()
-        .map_err(|e| describe("cuMemPoolSetAttribute", e))?;
-    }
+        .map_err(|e| describe("cuMemPoolCreate", e))?;
+    keep_freed_memory(pool)?;
+    // Ranks sharing a GPU share this pool. Left to itself, the driver may hand one rank's freed
+    // memory to another rank's stream by making that stream wait for the first one; with both
+    // ranks' kernels waiting for each other, that wait would last until the timeout. Reuse stays
+    // allowed where the free is already done or already ordered.
+    set_pool_attribute(pool, PoolAttribute::ReuseAllowInternalDependencies(false))?;
     pools.push((ordinal, pool as usize));
     Ok(pool)
 }
