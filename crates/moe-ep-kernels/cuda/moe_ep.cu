@@ -87,7 +87,6 @@ __device__ __forceinline__ void follow_prior_grids() {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }
 
-
 // This call's number, the same on every rank. A call's first kernel (dm.begins_call) sees the
 // counter still at the previous call and adds one; its last block stores the new value (see
 // commit_call) once every block has read it, so every later kernel of the call reads it as is. The

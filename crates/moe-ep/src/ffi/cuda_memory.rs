@@ -377,18 +377,17 @@ impl HostWord {
             .map_err(|e| describe("cuMemHostAlloc", e))? as *mut u64;
         // SAFETY: `host` is 8 bytes just allocated, 8-byte aligned (the driver aligns to pages).
         unsafe { host.write_volatile(0) };
-        let mut device: sys::CUdeviceptr = 0;
-        // SAFETY: `host` was allocated with CU_MEMHOSTALLOC_DEVICEMAP on the current context.
-        let status = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut device, host.cast(), 0) };
-        let word = HostWord {
+        // Owned from here on, so that an error below frees it.
+        let mut word = HostWord {
             host,
-            device,
+            device: 0,
             ctx: ctx.clone(),
         };
-        match status {
-            sys::CUresult::CUDA_SUCCESS => Ok(word),
-            other => Err(format!("cuMemHostGetDevicePointer: {other:?}")),
-        }
+        // SAFETY: `host` was allocated with CU_MEMHOSTALLOC_DEVICEMAP on the current context.
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut word.device, host.cast(), 0) }
+            .result()
+            .map_err(|e| describe("cuMemHostGetDevicePointer", e))?;
+        Ok(word)
     }
 
     /// The word's address on the device.
