@@ -125,8 +125,8 @@ impl Ceiling {
         let prepared = (|| -> std::result::Result<_, String> {
             let ctx = primary_context(ordinal)?;
             let stream = fresh_stream(&ctx)?;
-            let src = SharedBuffer::zeroed(&ctx, outgoing)?;
-            let recv = SharedBuffer::zeroed(&ctx, incoming)?;
+            let src = SharedBuffer::zeroed(&stream, outgoing)?;
+            let recv = SharedBuffer::zeroed(&stream, incoming)?;
             // Only peers in other processes need the handle; a failure shows when one opens it.
             let handle = recv.ipc_handle().unwrap_or([0; IPC_HANDLE_BYTES]);
             let published = Published {

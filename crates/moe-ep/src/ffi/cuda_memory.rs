@@ -19,21 +19,28 @@ pub(crate) struct SharedBuffer {
 }
 
 impl SharedBuffer {
-    /// `bytes` zeroed bytes on `ctx`'s device (at least 1, so every buffer has an address).
-    pub(crate) fn zeroed(ctx: &Arc<CudaContext>, bytes: usize) -> Result<Self, String> {
+    /// `bytes` zeroed bytes on `stream`'s device (at least 1, so every buffer has an address),
+    /// zeroed before this returns. The zeroing is ordered on `stream` and waited for there: the
+    /// synchronous `cuMemsetD8` returns before device memory is written, and runs on the legacy
+    /// stream, which may start after a peer was given the address and wrote its first signal.
+    pub(crate) fn zeroed(stream: &Stream, bytes: usize) -> Result<Self, String> {
+        let ctx = stream.context();
         ctx.bind_to_thread()
             .map_err(|e| describe("binding the context", e))?;
         let bytes = bytes.max(1);
         // SAFETY: the context is current on this thread; the allocation is owned by the returned
         // value and freed once, in Drop.
         let ptr = unsafe { result::malloc_sync(bytes) }.map_err(|e| describe("cuMemAlloc", e))?;
-        // SAFETY: `ptr` points to `bytes` bytes just allocated on the current context.
-        unsafe { result::memset_d8_sync(ptr, 0, bytes) }.map_err(|e| describe("cuMemsetD8", e))?;
-        Ok(SharedBuffer {
+        let buffer = SharedBuffer {
             ptr,
             bytes,
             ctx: ctx.clone(),
-        })
+        };
+        // SAFETY: `ptr` points to `bytes` bytes just allocated on this stream's context.
+        unsafe { result::memset_d8_async(ptr, 0, bytes, stream.raw()) }
+            .map_err(|e| describe("cuMemsetD8Async", e))?;
+        stream.synchronize()?;
+        Ok(buffer)
     }
 
     pub(crate) fn ptr(&self) -> u64 {

@@ -3,8 +3,7 @@
 use crate::config::EpConfig;
 use crate::ffi::cuda_kernels::{meta_ints, CHUNK_TOKENS, MAX_WORLD, NUM_SIGNALS};
 use crate::ffi::cuda_memory::{SharedBuffer, IPC_HANDLE_BYTES};
-use cudarc::driver::CudaContext;
-use std::sync::Arc;
+use crate::ffi::cuda_stream::Stream;
 
 /// Receive slots: each call's rows land in one slot of the staging buffers, which the receiver
 /// picks and tells its peers. A token-major output can then be handed out as the slot itself
@@ -53,22 +52,22 @@ pub(crate) struct SlotAddresses {
 }
 
 impl SharedBuffers {
-    pub(crate) fn new(ctx: &Arc<CudaContext>, c: &EpConfig, world: usize) -> Result<Self, String> {
+    pub(crate) fn new(stream: &Stream, c: &EpConfig, world: usize) -> Result<Self, String> {
         let rows = world * c.max_tokens_per_rank;
         let staged = STAGE_SLOTS * rows;
         let stage_row_bytes = c.hidden * c.dtype.size().max(c.combine_dtype.size());
         Ok(SharedBuffers {
             signals: SharedBuffer::zeroed(
-                ctx,
+                stream,
                 NUM_SIGNALS * MAX_WORLD * 8
                     + world * c.max_tokens_per_rank.div_ceil(CHUNK_TOKENS) * 4,
             )?,
-            inbox: SharedBuffer::zeroed(ctx, 2 * world * inbox_row(world, c.num_experts) * 8)?,
-            stage_x: SharedBuffer::zeroed(ctx, staged * stage_row_bytes)?,
-            stage_scales: SharedBuffer::zeroed(ctx, staged * c.scale_columns * 4)?,
-            stage_meta: SharedBuffer::zeroed(ctx, staged * meta_ints(c.topk) * 4)?,
-            back: SharedBuffer::zeroed(ctx, rows * c.hidden * c.combine_dtype.size())?,
-            back_side: SharedBuffer::zeroed(ctx, rows * c.topk * 4)?,
+            inbox: SharedBuffer::zeroed(stream, 2 * world * inbox_row(world, c.num_experts) * 8)?,
+            stage_x: SharedBuffer::zeroed(stream, staged * stage_row_bytes)?,
+            stage_scales: SharedBuffer::zeroed(stream, staged * c.scale_columns * 4)?,
+            stage_meta: SharedBuffer::zeroed(stream, staged * meta_ints(c.topk) * 4)?,
+            back: SharedBuffer::zeroed(stream, rows * c.hidden * c.combine_dtype.size())?,
+            back_side: SharedBuffer::zeroed(stream, rows * c.topk * 4)?,
             stage_row_bytes,
             slot_rows: rows,
             scale_columns: c.scale_columns,

@@ -360,8 +360,7 @@ impl CudaBackend {
                     .unwrap_or_else(|| config.worst_case_rows(world, placement.num_local(d)))
             })
             .collect();
-        let shared =
-            Arc::new(SharedBuffers::new(&device.ctx, &config, world).map_err(device_error)?);
+        let shared = Arc::new(SharedBuffers::new(s, &config, world).map_err(device_error)?);
         let group = join_group(&control, rank, channel, &device, &shared, &config)?;
         let kernels = match group.ranks_on_my_gpu {
             0 | 1 => kernels,
