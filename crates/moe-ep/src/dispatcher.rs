@@ -104,6 +104,11 @@ impl Dispatcher {
     /// `torch.cuda.current_stream().cuda_stream`), with their allocations and frees, so they are
     /// ordered with the caller's own work on it. Waits for the work queued on the previous stream.
     ///
+    /// Ranks of one process sharing a GPU: make every stream passed here before any rank of that
+    /// GPU starts a call ([`crate::Group::device`] names the GPU before the dispatcher exists). A
+    /// stream created while another rank's kernel waits inside the GPU may be queued behind that
+    /// kernel, and both ranks then time out (docs/semantics.md, "Ranks sharing a GPU").
+    ///
     /// # Safety
     /// `stream` must be a `CUstream` of this dispatcher's GPU (its primary context, which the
     /// frameworks use), and stay valid as long as this dispatcher, its handles and every tensor it

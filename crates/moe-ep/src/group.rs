@@ -176,6 +176,18 @@ impl Group {
         self.world
     }
 
+    /// Where this rank's dispatchers keep their tensors: the host, or the rank's GPU. Known before
+    /// any dispatcher exists, so a caller can make the streams it will pass to
+    /// [`crate::Dispatcher::set_cuda_stream`] first (see that method).
+    pub fn device(&self) -> crate::tensor::Device {
+        match &self.kind {
+            GroupKind::Cpu(_) => crate::tensor::Device::Host,
+            GroupKind::Cuda { device, .. } => {
+                crate::tensor::Device::Cuda(device.ctx.ordinal() as u32)
+            }
+        }
+    }
+
     pub fn backend(&self) -> BackendKind {
         match self.kind {
             GroupKind::Cpu(_) => BackendKind::Cpu,

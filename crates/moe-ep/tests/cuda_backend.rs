@@ -70,20 +70,31 @@ fn run_rank_on(
     );
     let d = &data[group.rank()];
     let err = |e: EpError| e.to_string();
-    // Declared before the dispatcher so that it is dropped after it (its memory is freed on it).
-    let stream: Arc<CudaStream>;
+    // Declared before the dispatcher so that it is dropped after it (its memory is freed on it),
+    // and made before it: with ranks sharing a GPU, a stream made while another rank's kernel
+    // waits in the GPU may be queued behind that kernel (see Dispatcher::set_cuda_stream).
+    let stream: Option<Arc<CudaStream>> = match (callers_stream, group.device()) {
+        (false, _) => None,
+        (true, Device::Cuda(ordinal)) => {
+            let ctx = CudaContext::new(ordinal as usize).map_err(|e| format!("{e:?}"))?;
+            // cudarc synchronizes a tracking context before its first new stream: with another
+            // rank of this GPU already in a kernel that waits for this one, that would wait out
+            // the timeout.
+            // SAFETY: this test allocates no CudaSlice, the only thing event tracking protects.
+            unsafe { ctx.disable_event_tracking() };
+            Some(ctx.new_stream().map_err(|e| format!("{e:?}"))?)
+        }
+        (true, Device::Host) => return Err("a caller's stream needs a GPU rank".into()),
+    };
     let mut ep = Dispatcher::new(group, config.clone()).map_err(err)?;
-    if callers_stream {
-        let Device::Cuda(ordinal) = ep.device() else {
-            return Err("a CUDA dispatcher runs on a GPU".into());
-        };
-        let ctx = CudaContext::new(ordinal as usize).map_err(|e| format!("{e:?}"))?;
-        // cudarc synchronizes a tracking context before its first new stream: with another rank
-        // of this GPU already in a kernel that waits for this one, that would wait out the
-        // timeout.
-        // SAFETY: this test allocates no CudaSlice, the only thing event tracking protects.
-        unsafe { ctx.disable_event_tracking() };
-        stream = ctx.new_stream().map_err(|e| format!("{e:?}"))?;
+    if group.device() != ep.device() {
+        return Err(format!(
+            "group.device(): expected the dispatcher's {}, got {}",
+            ep.device(),
+            group.device()
+        ));
+    }
+    if let Some(stream) = &stream {
         let raw = stream.cu_stream() as u64;
         // SAFETY: a stream of this GPU's primary context, alive until after the dispatcher and
         // every tensor it returns (they are all dropped inside this function, before `stream`).
@@ -565,6 +576,7 @@ fn calls_on_the_callers_stream_match_cpu() {
 fn a_cpu_dispatcher_takes_no_cuda_stream() {
     let config = config_for(Layout::TokenMajor, 4, 2, 8, 4);
     let groups = Group::cpu_world(1).expect("one cpu rank");
+    assert_eq!(groups[0].device(), Device::Host);
     let mut ep = Dispatcher::new(&groups[0], config).expect("a cpu dispatcher");
     assert_eq!(ep.cuda_stream(), None);
     // SAFETY: the CPU backend refuses before using the (meaningless) handle.
