@@ -62,16 +62,6 @@ __device__ __forceinline__ unsigned ld_acquire_gpu(const unsigned* p) {
     return v;
 }
 
-__device__ __forceinline__ void st_release_gpu(uint64_t* p, uint64_t v) {
-    asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ uint64_t ld_acquire_gpu(const uint64_t* p) {
-    uint64_t v;
-    asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-    return v;
-}
-
 // Arrival counter (from, chunk) in the signals buffer at `signals` (layout in moe_ep.h).
 __device__ __forceinline__ unsigned* arrival_counter(uint64_t signals, const EpDims& dm, int from, int chunk) {
     const int chunks = (dm.max_tokens + EP_CHUNK_TOKENS - 1) / EP_CHUNK_TOKENS;
@@ -481,8 +471,7 @@ __device__ void count_experts(const EpDims& dm, const void* topk, int idx64, int
 
 // Source side routing, block d < world of the route kernel: finds, for each token t in ascending
 // order, its position among the tokens going to rank d (-1 if none), and their count (counts[d]),
-// then adds 1 to `routed` (release, device scope, after every thread's stores) for the block that
-// exchanges the counts.
+// then adds 1 to `routed` (release, device scope) for the block that exchanges the counts.
 __device__ void route_block(const EpDims& dm, const void* topk, int idx64, int num_tokens, const int* expert_rank,
                             int* pos, int* counts, unsigned* routed) {
     const int K = dm.topk;
@@ -502,8 +491,6 @@ __device__ void route_block(const EpDims& dm, const void* topk, int idx64, int n
         if (t < num_tokens) pos[static_cast<int64_t>(t) * dm.world + d] = goes ? running + prefix : -1;
         running += total;
     }
-    // In ep_dispatch the senders read `pos` after this release (through the counting block's).
-    __syncthreads();
     if (threadIdx.x == 0) {
         counts[d] = running;
         red_add_release_gpu(routed, 1u);
@@ -988,13 +975,13 @@ __device__ bool expand_arrivals(const EpDims& dm, const EpExpand& ex, uint8_t* r
 // (expand_arrivals), each with `stage_bytes` of the dynamic shared memory for its bulk copies
 // ((32 - send_warps) x stage_bytes per block, a multiple of 128 each); the last block then resets
 // the arrival counters, all full by then.
-// The sending (and expert-major, laying-out) phase of ep_dispatch_send and ep_dispatch, in every
-// block once `go` (false: the call failed before it; the block only takes part in the ending).
-__device__ void send_phase(const EpPeers& peers, const EpDims& dm, bool go, const uint8_t* x, const float* scales,
-                           const void* topk, int idx64, const float* weights, const int* expert_rank,
-                           const int* local_index, const int* pos, const int* my_base_on, const int* slot_rank,
-                           int num_tokens, int payload_only, const EpExpand& ex, int stage_bytes, unsigned* done,
-                           int* err) {
+extern "C" __global__ void __launch_bounds__(1024)
+    ep_dispatch_send(EpPeers peers, EpDims dm, const uint8_t* x, const float* scales, const void* topk, int idx64,
+                     const float* weights, const int* expert_rank, const int* local_index, const int* pos,
+                     const int* my_base_on, const int* slot_rank, int num_tokens, int payload_only, int recv_slot,
+                     EpExpand ex, int stage_bytes, unsigned* done, int* err) {
+    follow_prior_grids();
+    const bool go = (dm.begins_call ? enter_call(peers, dm, recv_slot, err) : true) && block_ok(err);
     const int per_block = static_cast<int>(blockDim.x >> 5), w = static_cast<int>(threadIdx.x >> 5);
     const bool lays_out = ex.send_warps > 0;
     const int send_warps = lays_out ? min(ex.send_warps, per_block - 1) : per_block;
@@ -1017,96 +1004,6 @@ __device__ void send_phase(const EpPeers& peers, const EpDims& dm, bool go, cons
     if (!lays_out) signal_all(peers, dm, EP_SIG_DATA);
     __syncthreads();
     if (threadIdx.x == 0) commit_call(dm);
-}
-
-extern "C" __global__ void __launch_bounds__(1024)
-    ep_dispatch_send(EpPeers peers, EpDims dm, const uint8_t* x, const float* scales, const void* topk, int idx64,
-                     const float* weights, const int* expert_rank, const int* local_index, const int* pos,
-                     const int* my_base_on, const int* slot_rank, int num_tokens, int payload_only, int recv_slot,
-                     EpExpand ex, int stage_bytes, unsigned* done, int* err) {
-    follow_prior_grids();
-    const bool go = (dm.begins_call ? enter_call(peers, dm, recv_slot, err) : true) && block_ok(err);
-    send_phase(peers, dm, go, x, scales, topk, idx64, weights, expert_rank, local_index, pos, my_base_on, slot_rank,
-               num_tokens, payload_only, ex, stage_bytes, done, err);
-}
-
-// Every block of ep_dispatch: waits (one thread, acquire) until the counting block published
-// this call's counts (rt.ready at the call number). False in every thread of the block once the
-// call failed (then the counting block never publishes). A missing peer is the counting block's
-// to report, by name, within the timeout; the wait here gives up on its own only after twice
-// that, so that it never reports first.
-__device__ bool await_counts(const EpDims& dm, const EpRoute& rt, int* err) {
-    __shared__ int ok;
-    if (threadIdx.x == 0) {
-        ok = 1;
-        const uint64_t* ready = reinterpret_cast<const uint64_t*>(rt.ready);
-        const uint64_t epoch = call_epoch(dm), deadline = global_timer_ns() + 2 * min(dm.timeout_ns, UINT64_MAX / 4);
-        while (ld_acquire_gpu(ready) < epoch) {
-            if (failed(err)) {
-                ok = 0;
-                break;
-            }
-            if (global_timer_ns() > deadline) {
-                report(err, EP_ERR_TIMEOUT, dm.rank, dm.rank, EP_SIG_ENTER);
-                ok = 0;
-                break;
-            }
-            __nanosleep(32);
-        }
-    }
-    // Thread 0's acquired view passes to the block through the barrier.
-    __syncthreads();
-    return ok && block_ok(err);
-}
-
-// ep_dispatch's routing, kept out of line (fewer spills in the kernel; the counting block's part
-// stays inline, as out of line it would copy the peers struct to the stack).
-__device__ __noinline__ void route_block_apart(const EpDims& dm, const void* topk, int idx64, int num_tokens,
-                                               const int* expert_rank, int* pos, int* counts, unsigned* routed) {
-    route_block(dm, topk, idx64, num_tokens, expert_rank, pos, counts, routed);
-}
-
-// ep_dispatch's counting block: counts, exchanges the counts (its histograms and the inbox copy
-// in the dynamic shared memory, EP_RANK_SHARED_INTS ints), then stores the call number in
-// rt.ready (release, after every output of the routing and await_routes' reset of `done`).
-__device__ __forceinline__ void count_and_publish(const EpPeers& peers, const EpDims& dm, const void* topk,
-                                                  int idx64, int num_tokens, const int* expert_rank, int* my_base_on,
-                                                  int* slot_rank, const EpRoute& rt, unsigned* done, int* err) {
-    extern __shared__ __align__(128) uint8_t routing_shared[];
-    int* shared_ints = reinterpret_cast<int*>(routing_shared);
-    int* counts = reinterpret_cast<int*>(rt.counts);
-    count_experts(dm, topk, idx64, num_tokens, counts, slot_rank, shared_ints, reinterpret_cast<int*>(rt.rank_scratch),
-                  err);
-    __syncthreads();
-    if (await_routes(dm, done, err) && block_ok(err)) {
-        notify(peers, dm, counts, expert_rank, reinterpret_cast<const int*>(rt.local_experts),
-               reinterpret_cast<const int*>(rt.capacity), rt.align, rt.recv_slot, reinterpret_cast<int*>(rt.recv_base),
-               my_base_on, reinterpret_cast<int*>(rt.out_per_src), reinterpret_cast<int*>(rt.out_per_expert),
-               reinterpret_cast<int*>(rt.out_offsets), reinterpret_cast<int*>(rt.group_base), shared_ints, err);
-    }
-    __syncthreads();
-    if (threadIdx.x == 0 && !failed(err)) st_release_gpu(reinterpret_cast<uint64_t*>(rt.ready), call_epoch(dm));
-}
-
-// A whole dispatch in one kernel (the call's first, dm.begins_call), for grids of world + 1 blocks
-// or more: blocks 0..world-1 route as ep_route_notify's do and block `world` counts and exchanges
-// the counts (count_and_publish; the laying-out warps reuse its dynamic shared memory afterwards),
-// then every block waits for rt.ready before sending as ep_dispatch_send does. This saves the
-// kernel boundary between the two. All blocks are resident at once (one per SM, at most the
-// rank's share of them), so the spin waits always end.
-extern "C" __global__ void __launch_bounds__(1024)
-    ep_dispatch(EpPeers peers, EpDims dm, const uint8_t* x, const float* scales, const void* topk, int idx64,
-                const float* weights, const int* expert_rank, const int* local_index, int* pos, int* my_base_on,
-                int* slot_rank, int num_tokens, EpRoute rt, EpExpand ex, int stage_bytes, unsigned* done, int* err) {
-    follow_prior_grids();
-    if (blockIdx.x < dm.world) {
-        route_block_apart(dm, topk, idx64, num_tokens, expert_rank, pos, reinterpret_cast<int*>(rt.counts), done);
-    } else if (blockIdx.x == dm.world) {
-        count_and_publish(peers, dm, topk, idx64, num_tokens, expert_rank, my_base_on, slot_rank, rt, done, err);
-    }
-    const bool go = await_counts(dm, rt, err);
-    send_phase(peers, dm, go, x, scales, topk, idx64, weights, expert_rank, local_index, pos, my_base_on, slot_rank,
-               num_tokens, 0, ex, stage_bytes, done, err);
 }
 
 // A call of its own (dm.begins_call): waits until every rank reached it, in stream order. One

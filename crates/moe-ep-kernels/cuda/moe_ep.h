@@ -78,23 +78,6 @@ struct EpExpand {
     int send_warps;  // warps of each block that send; the others lay out. 0: no layout here
 };
 
-// The routing half of ep_dispatch: what ep_route_notify takes besides the send's arguments.
-// Addresses are this rank's; 0 for absent ones.
-struct EpRoute {
-    uint64_t local_experts;   // i32 [E_local]: the global ids of this rank's experts
-    uint64_t capacity;        // i32 [world]: rows each rank can receive
-    uint64_t counts;          // i32 [world + E]: this rank's rows per destination, slots per expert
-    uint64_t rank_scratch;    // i32 [32][E] past EP_RANK_SHARED_INTS experts, else 0
-    uint64_t recv_base;       // i32 [world + 1]
-    uint64_t out_per_src;     // i32 [world]
-    uint64_t out_per_expert;  // i32 [E_local]
-    uint64_t out_offsets;     // i32 [E_local + 1], expert-major only
-    uint64_t group_base;      // i32 [world][E_local], expert-major only
-    uint64_t ready;           // u64 on this rank's device: the last call whose counts are exchanged
-    int align;                // expert-major group alignment; 0 token-major
-    int recv_slot;            // the receive slot this rank picked for the call
-};
-
 struct EpDims {
     int rank;
     int world;

@@ -108,26 +108,6 @@ pub(crate) struct EpExpand {
     pub send_warps: i32,
 }
 
-/// `struct EpRoute` of moe_ep.h: the routing half of `ep_dispatch` (device addresses; 0 for
-/// absent ones), what `ep_route_notify` takes besides the send's arguments.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct EpRoute {
-    pub local_experts: u64,
-    pub capacity: u64,
-    pub counts: u64,
-    pub rank_scratch: u64,
-    pub recv_base: u64,
-    pub out_per_src: u64,
-    pub out_per_expert: u64,
-    pub out_offsets: u64,
-    pub group_base: u64,
-    /// A u64 on this rank's device: the last call whose counts are exchanged.
-    pub ready: u64,
-    pub align: i32,
-    pub recv_slot: i32,
-}
-
 /// What the send-back half of `ep_combine` reads (device addresses; 0 for absent ones).
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct CombineSend {
@@ -179,7 +159,6 @@ enum Arg {
     Peers(Box<EpPeers>),
     Dims(EpDims),
     Expand(EpExpand),
-    Route(EpRoute),
 }
 
 impl Arg {
@@ -190,7 +169,6 @@ impl Arg {
             Arg::Peers(p) => &mut **p as *mut EpPeers as *mut c_void,
             Arg::Dims(d) => d as *mut EpDims as *mut c_void,
             Arg::Expand(e) => e as *mut EpExpand as *mut c_void,
-            Arg::Route(r) => r as *mut EpRoute as *mut c_void,
         }
     }
 }
@@ -221,7 +199,6 @@ pub(crate) struct Kernels {
     _module: Arc<CudaModule>,
     route_notify: CudaFunction,
     dispatch_send: CudaFunction,
-    dispatch: CudaFunction,
     barrier: CudaFunction,
     layout_token_major: CudaFunction,
     hold: CudaFunction,
@@ -232,8 +209,6 @@ pub(crate) struct Kernels {
     layout_shared_bytes: u32,
     /// How the data kernels start (ep_hold always starts after the kernel ahead).
     start: Start,
-    /// Whether a dispatch may run as the one kernel `ep_dispatch` (see [`Kernels::one_kernel_dispatch`]).
-    one_kernel: bool,
 }
 
 /// The most dynamic shared memory the gather rings of `ep_combine_*` take per block: 16 vectors
@@ -269,24 +244,12 @@ fn overlap_launches_from_env() -> bool {
     *OVERLAP.get_or_init(|| std::env::var("MOE_EP_OVERLAP_LAUNCHES").map_or(true, |v| v != "0"))
 }
 
-/// Whether a dispatch may run as one kernel (`ep_dispatch`): yes, unless MOE_EP_ONE_KERNEL_DISPATCH
-/// is 0 (for measuring what it gains).
-fn one_kernel_dispatch_from_env() -> bool {
-    static ONE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ONE.get_or_init(|| std::env::var("MOE_EP_ONE_KERNEL_DISPATCH").map_or(true, |v| v != "0"))
-}
-
-/// Dynamic shared memory `ep_dispatch`'s counting block takes for its histograms (as
-/// `ep_route_notify`'s static array: EP_RANK_SHARED_INTS ints).
-const ROUTING_SHARED_BYTES: u32 = (RANK_SHARED_INTS * 4) as u32;
-
 /// Shared memory the kernels keep for their static variables, below the opt-in limit.
 const STATIC_SHARED_RESERVE: u32 = 16 * 1024;
 
-const PLAIN: [&str; 6] = [
+const PLAIN: [&str; 5] = [
     "ep_route_notify",
     "ep_dispatch_send",
-    "ep_dispatch",
     "ep_barrier",
     "ep_layout_token_major",
     "ep_hold",
@@ -391,17 +354,13 @@ impl Kernels {
         let mut typed_fns = f.split_off(PLAIN.len()).into_iter();
         let mut plain = f.into_iter();
         let mut next = || plain.next().expect("one function per name");
-        let (route_notify, dispatch_send, dispatch) = (next(), next(), next());
-        for (f, name) in [
-            (&dispatch_send, "ep_dispatch_send"),
-            (&dispatch, "ep_dispatch"),
-        ] {
-            f.set_attribute(
+        let (route_notify, dispatch_send) = (next(), next());
+        dispatch_send
+            .set_attribute(
                 sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 layout_shared_bytes as i32,
             )
-            .map_err(|e| describe(&format!("allowing {name} its shared memory"), e))?;
-        }
+            .map_err(|e| describe("allowing ep_dispatch_send its shared memory", e))?;
         let (barrier, layout_token_major, hold) = (next(), next(), next());
         let typed = ELEMS
             .iter()
@@ -428,7 +387,6 @@ impl Kernels {
             _module: module,
             route_notify,
             dispatch_send,
-            dispatch,
             barrier,
             layout_token_major,
             hold,
@@ -439,7 +397,6 @@ impl Kernels {
                 true => Start::OverlappingPrior,
                 false => Start::AfterPrior,
             },
-            one_kernel: one_kernel_dispatch_from_env() && dynamic_limit >= ROUTING_SHARED_BYTES,
         })
     }
 
@@ -490,10 +447,20 @@ impl Kernels {
         idx64: bool,
         num_tokens: i32,
         expert_rank: u64,
+        local_experts: u64,
+        capacity: u64,
+        align: i32,
+        recv_slot: i32,
         pos: u64,
+        counts: u64,
         slot_rank: u64,
+        rank_scratch: u64,
+        recv_base: u64,
         my_base_on: u64,
-        route: &EpRoute,
+        out_per_src: u64,
+        out_per_expert: u64,
+        out_offsets: u64,
+        group_base: u64,
         done: u64,
         err: u64,
     ) -> Result<(), String> {
@@ -508,20 +475,20 @@ impl Kernels {
             Arg::Int(idx64 as i32),
             Arg::Int(num_tokens),
             Arg::Ptr(expert_rank),
-            Arg::Ptr(route.local_experts),
-            Arg::Ptr(route.capacity),
-            Arg::Int(route.align),
-            Arg::Int(route.recv_slot),
+            Arg::Ptr(local_experts),
+            Arg::Ptr(capacity),
+            Arg::Int(align),
+            Arg::Int(recv_slot),
             Arg::Ptr(pos),
-            Arg::Ptr(route.counts),
+            Arg::Ptr(counts),
             Arg::Ptr(slot_rank),
-            Arg::Ptr(route.rank_scratch),
-            Arg::Ptr(route.recv_base),
+            Arg::Ptr(rank_scratch),
+            Arg::Ptr(recv_base),
             Arg::Ptr(my_base_on),
-            Arg::Ptr(route.out_per_src),
-            Arg::Ptr(route.out_per_expert),
-            Arg::Ptr(route.out_offsets),
-            Arg::Ptr(route.group_base),
+            Arg::Ptr(out_per_src),
+            Arg::Ptr(out_per_expert),
+            Arg::Ptr(out_offsets),
+            Arg::Ptr(group_base),
             Arg::Ptr(done),
             Arg::Ptr(err),
         ];
@@ -588,41 +555,6 @@ impl Kernels {
         done: u64,
         err: u64,
     ) -> Result<(), String> {
-        let (stage_bytes, shared) = self.layout_stages(grid, &dm, &expand);
-        let args = vec![
-            Arg::Peers(Box::new(*peers)),
-            Arg::Dims(dm),
-            Arg::Ptr(x),
-            Arg::Ptr(scales),
-            Arg::Ptr(topk),
-            Arg::Int(idx64 as i32),
-            Arg::Ptr(weights),
-            Arg::Ptr(expert_rank),
-            Arg::Ptr(local_index),
-            Arg::Ptr(pos),
-            Arg::Ptr(my_base_on),
-            Arg::Ptr(slot_rank),
-            Arg::Int(num_tokens),
-            Arg::Int(payload_only as i32),
-            Arg::Int(recv_slot),
-            Arg::Expand(expand),
-            Arg::Int(stage_bytes as i32),
-            Arg::Ptr(done),
-            Arg::Ptr(err),
-        ];
-        self.launch(
-            s,
-            &self.dispatch_send,
-            grid,
-            shared,
-            args,
-            "ep_dispatch_send",
-        )
-    }
-
-    /// The bulk-copy stages of the laying-out warps of `ep_dispatch_send` and `ep_dispatch`:
-    /// bytes per warp, and in all per block.
-    fn layout_stages(&self, grid: Grid, dm: &EpDims, expand: &EpExpand) -> (u32, u32) {
         // The kernel keeps at least one sending warp per block.
         let layout_warps = match expand.send_warps {
             0 => 0,
@@ -644,43 +576,6 @@ impl Kernels {
                 }
             }
         };
-        (stage_bytes, layout_warps * stage_bytes)
-    }
-
-    /// Whether a dispatch on `grid` among `world` ranks runs as the one kernel of
-    /// [`Self::dispatch`]: it needs a block per destination's routing and one for the counts.
-    pub(crate) fn one_kernel_dispatch(&self, grid: Grid, world: usize) -> bool {
-        self.one_kernel && grid.blocks as usize > world
-    }
-
-    /// A whole dispatch in one kernel (`ep_dispatch`, the call's first: `dm.begins_call`): the
-    /// routing and count exchange of [`Self::route_notify`] (`route`), then the send of
-    /// [`Self::dispatch_send`] with its expert-major layout (`expand`). Only where
-    /// [`Self::one_kernel_dispatch`] allows it.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn dispatch(
-        &self,
-        s: &Stream,
-        grid: Grid,
-        peers: &EpPeers,
-        dm: EpDims,
-        x: u64,
-        scales: u64,
-        topk: u64,
-        idx64: bool,
-        weights: u64,
-        expert_rank: u64,
-        local_index: u64,
-        pos: u64,
-        my_base_on: u64,
-        slot_rank: u64,
-        num_tokens: i32,
-        route: EpRoute,
-        expand: EpExpand,
-        done: u64,
-        err: u64,
-    ) -> Result<(), String> {
-        let (stage_bytes, layout_shared) = self.layout_stages(grid, &dm, &expand);
         let args = vec![
             Arg::Peers(Box::new(*peers)),
             Arg::Dims(dm),
@@ -695,15 +590,22 @@ impl Kernels {
             Arg::Ptr(my_base_on),
             Arg::Ptr(slot_rank),
             Arg::Int(num_tokens),
-            Arg::Route(route),
+            Arg::Int(payload_only as i32),
+            Arg::Int(recv_slot),
             Arg::Expand(expand),
             Arg::Int(stage_bytes as i32),
             Arg::Ptr(done),
             Arg::Ptr(err),
         ];
-        // The counting block's histograms come first; the laying-out warps reuse the memory.
-        let shared = layout_shared.max(ROUTING_SHARED_BYTES);
-        self.launch(s, &self.dispatch, grid, shared, args, "ep_dispatch")
+        let shared = layout_warps * stage_bytes;
+        self.launch(
+            s,
+            &self.dispatch_send,
+            grid,
+            shared,
+            args,
+            "ep_dispatch_send",
+        )
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -16,7 +16,7 @@ use crate::config::{EpConfig, Layout, OutputSizing};
 use crate::dtype::DType;
 use crate::error::{EpError, Result};
 use crate::ffi::cuda_kernels::{
-    self as k, ptr_or_null, Elem, EpDims, EpExpand, EpPeers, EpRoute, Grid, Kernels, SIDE_EXPANDED,
+    self as k, ptr_or_null, Elem, EpDims, EpExpand, EpPeers, Grid, Kernels, SIDE_EXPANDED,
     SIDE_NONE, SIDE_ROW_K, SIDE_ROW_K_OWNED, SIG_DATA2,
 };
 use crate::ffi::cuda_memory::{self as mem, PeerMapping, StreamBuffer, IPC_HANDLE_BYTES};
@@ -254,12 +254,6 @@ fn choose_slot(
 /// SMs the data kernels use unless `EpConfig::num_sms` says otherwise.
 const DEFAULT_NUM_SMS: u32 = 24;
 
-/// The kernels' counters, zeroed once: u32 [2], blocks arrived (arrive_last) and ep_combine's next
-/// reduce item, then at DONE_READY_OFFSET a u64, the last call whose counts ep_dispatch exchanged
-/// (EpRoute::ready).
-const DONE_BYTES: usize = 16;
-const DONE_READY_OFFSET: u64 = 8;
-
 fn i32_of(v: usize) -> i32 {
     i32::try_from(v).expect("sizes fit in i32 (checked when the dispatcher was built)")
 }
@@ -378,8 +372,8 @@ impl CudaBackend {
         let local_index = i32_buffer(s, (0..e).map(|x| placement.local_index(x)))?;
         let local_experts = i32_buffer(s, placement.experts_of(rank).to_vec())?;
         let capacity = i32_buffer(s, capacity_rows)?;
-        // See DONE_BYTES.
-        let done = StreamBuffer::filled(s, DONE_BYTES, 0).map_err(device_error)?;
+        // u32 [2]: blocks arrived (arrive_last), then ep_combine's next reduce item.
+        let done = StreamBuffer::filled(s, 8, 0).map_err(device_error)?;
         let err = StreamBuffer::filled(s, 16, 0).map_err(device_error)?;
         let epoch = StreamBuffer::filled(s, 8, 0).map_err(device_error)?;
         let sms = device
@@ -1101,23 +1095,35 @@ impl Backend for CudaBackend {
         let only_em = |b: &StreamBuffer| if em { b.ptr() } else { 0 };
         let topk = ptr_of(&args.topk_idx);
         let idx64 = args.topk_idx.dtype() == DType::I64;
-        let route = EpRoute {
-            local_experts: self.local_experts.ptr(),
-            capacity: self.capacity.ptr(),
-            counts: counts.ptr(),
-            rank_scratch: match k::rank_scratch_ints(c.num_experts) {
+        let r = self.kernels.route_notify(
+            self.stream(),
+            &self.peers,
+            self.dims(hidden * c.dtype.size(), true),
+            topk,
+            idx64,
+            i32_of(num_tokens),
+            self.expert_rank.ptr(),
+            self.local_experts.ptr(),
+            self.capacity.ptr(),
+            expert_major.map_or(0, i32_of),
+            i32_of(slot.index),
+            pos.ptr(),
+            counts.ptr(),
+            only_em(&slot_rank),
+            match k::rank_scratch_ints(c.num_experts) {
                 0 => 0,
                 _ => rank_scratch.ptr(),
             },
-            recv_base: recv_base.ptr(),
-            out_per_src: per_src.device_ptr().expect("device"),
-            out_per_expert: per_expert.device_ptr().expect("device"),
-            out_offsets: ptr_or_null(offsets.as_ref().and_then(Tensor::device_ptr)),
-            group_base: only_em(&group_base),
-            ready: self.done.ptr() + DONE_READY_OFFSET,
-            align: expert_major.map_or(0, i32_of),
-            recv_slot: i32_of(slot.index),
-        };
+            recv_base.ptr(),
+            my_base_on.ptr(),
+            per_src.device_ptr().expect("device"),
+            per_expert.device_ptr().expect("device"),
+            ptr_or_null(offsets.as_ref().and_then(Tensor::device_ptr)),
+            only_em(&group_base),
+            self.done.ptr(),
+            self.err.ptr(),
+        );
+        self.check(r)?;
 
         let src_ptr = src.device_ptr().expect("device");
         let mut handle = CudaHandle {
@@ -1153,76 +1159,28 @@ impl Backend for CudaBackend {
                 }
             }
         };
-        let (x_in, scales_in) = (
+        let r = self.kernels.dispatch_send(
+            self.stream(),
+            self.grid(),
+            &self.peers,
+            dm,
             ptr_of(&args.x),
             ptr_or_null(args.scales.as_ref().map(ptr_of)),
+            topk,
+            idx64,
+            ptr_or_null(args.weights.as_ref().map(ptr_of)),
+            self.expert_rank.ptr(),
+            self.local_index.ptr(),
+            handle.pos.ptr(),
+            handle.my_base_on.ptr(),
+            only_em(&slot_rank),
+            i32_of(num_tokens),
+            false,
+            -1,
+            expand,
+            self.done.ptr(),
+            self.err.ptr(),
         );
-        let weights_in = ptr_or_null(args.weights.as_ref().map(ptr_of));
-        let (pos, my_base_on) = (handle.pos.ptr(), handle.my_base_on.ptr());
-        let r = if self.kernels.one_kernel_dispatch(self.grid(), world) {
-            self.kernels.dispatch(
-                self.stream(),
-                self.grid(),
-                &self.peers,
-                self.dims(hidden * c.dtype.size(), true),
-                x_in,
-                scales_in,
-                topk,
-                idx64,
-                weights_in,
-                self.expert_rank.ptr(),
-                self.local_index.ptr(),
-                pos,
-                my_base_on,
-                only_em(&slot_rank),
-                i32_of(num_tokens),
-                route,
-                expand,
-                self.done.ptr(),
-                self.err.ptr(),
-            )
-        } else {
-            self.kernels
-                .route_notify(
-                    self.stream(),
-                    &self.peers,
-                    self.dims(hidden * c.dtype.size(), true),
-                    topk,
-                    idx64,
-                    i32_of(num_tokens),
-                    self.expert_rank.ptr(),
-                    pos,
-                    only_em(&slot_rank),
-                    my_base_on,
-                    &route,
-                    self.done.ptr(),
-                    self.err.ptr(),
-                )
-                .and_then(|()| {
-                    self.kernels.dispatch_send(
-                        self.stream(),
-                        self.grid(),
-                        &self.peers,
-                        dm,
-                        x_in,
-                        scales_in,
-                        topk,
-                        idx64,
-                        weights_in,
-                        self.expert_rank.ptr(),
-                        self.local_index.ptr(),
-                        pos,
-                        my_base_on,
-                        only_em(&slot_rank),
-                        i32_of(num_tokens),
-                        false,
-                        -1,
-                        expand,
-                        self.done.ptr(),
-                        self.err.ptr(),
-                    )
-                })
-        };
         self.check(r)?;
 
         // Token-major, the layout kernel waits for every rank's rows, then writes every row of
