@@ -56,6 +56,12 @@ __device__ __forceinline__ void red_add_release_gpu(unsigned* p, unsigned v) {
     asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
+__device__ __forceinline__ unsigned atom_add_acq_rel_gpu(unsigned* p, unsigned v) {
+    unsigned old;
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+    return old;
+}
+
 __device__ __forceinline__ unsigned ld_acquire_gpu(const unsigned* p) {
     unsigned v;
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -129,45 +135,47 @@ __device__ bool block_ok(const int* err) {
     return ok;
 }
 
+// One thread: polls until `ready()` holds. False once the call failed (when `stop_on_failure`)
+// or at `deadline`, which reports rank `from` as missing on flag `sig`.
+template <typename Ready>
+__device__ bool spin_until(Ready ready, const EpDims& dm, uint64_t deadline, bool stop_on_failure, int from, int sig,
+                           int* err) {
+    while (!ready()) {
+        if (stop_on_failure && failed(err)) return false;
+        if (global_timer_ns() > deadline) {
+            report(err, EP_ERR_TIMEOUT, dm.rank, from, sig);
+            return false;
+        }
+        __nanosleep(32);
+    }
+    return true;
+}
+
 // One thread: waits (acquire) until this rank's arrival counter (from, chunk) reaches `expected`.
 // False on timeout (reporting `from` as missing) or once the call failed.
 __device__ bool await_arrivals(const EpDims& dm, int from, int chunk, unsigned expected, int* err) {
     const unsigned* counter = arrival_counter(dm.my_signals, dm, from, chunk);
-    const uint64_t deadline = global_timer_ns() + dm.timeout_ns;
-    while (ld_acquire_sys(counter) < expected) {
-        if (failed(err)) return false;
-        if (global_timer_ns() > deadline) {
-            report(err, EP_ERR_TIMEOUT, dm.rank, from, EP_SIG_DATA);
-            return false;
-        }
-        __nanosleep(64);
-    }
-    return true;
+    return spin_until([&] { return ld_acquire_sys(counter) >= expected; }, dm, global_timer_ns() + dm.timeout_ns,
+                      true, from, EP_SIG_DATA, err);
 }
 
 // Waits until this rank's flag `sig` from every rank reached this call's number; one thread per
 // peer. Returns false (the same in every thread of the block) on timeout, reporting the first
 // missing peer, or when the call already failed.
 __device__ bool wait_all(const EpDims& dm, int sig, int* err) {
-    __shared__ int timed_out;
-    if (threadIdx.x == 0) timed_out = 0;
+    __shared__ int gave_up;
+    if (threadIdx.x == 0) gave_up = 0;
     __syncthreads();
     if (threadIdx.x < dm.world) {
         const uint64_t* flag = signal_slot(dm.my_signals, sig, threadIdx.x);
-        const uint64_t deadline = global_timer_ns() + dm.timeout_ns;
         const uint64_t epoch = call_epoch(dm);
-        while (ld_acquire_sys(flag) < epoch) {
-            if (failed(err)) break;  // another wait of this call already gave up
-            if (global_timer_ns() > deadline) {
-                report(err, EP_ERR_TIMEOUT, dm.rank, threadIdx.x, sig);
-                timed_out = 1;
-                break;
-            }
-            __nanosleep(32);
+        if (!spin_until([&] { return ld_acquire_sys(flag) >= epoch; }, dm, global_timer_ns() + dm.timeout_ns, true,
+                        threadIdx.x, sig, err)) {
+            gave_up = 1;
         }
     }
     __syncthreads();
-    const bool ok = !timed_out;
+    const bool ok = !gave_up;
     return block_ok(err) && ok;
 }
 
@@ -207,14 +215,8 @@ __device__ __forceinline__ uint64_t* slot_word(const EpPeers& peers, const EpDim
 // call failed.
 __device__ bool await_inbox_word(const EpDims& dm, const uint64_t* word, int from, uint64_t deadline, int* err,
                                  uint64_t* value) {
-    while (!inbox_word_is_current(dm, *value = ld_relaxed_sys(word))) {
-        if (failed(err) || global_timer_ns() > deadline) {
-            report(err, EP_ERR_TIMEOUT, dm.rank, from, EP_SIG_ENTER);
-            return false;
-        }
-        __nanosleep(32);
-    }
-    return true;
+    return spin_until([&] { return inbox_word_is_current(dm, *value = ld_relaxed_sys(word)); }, dm, deadline, true,
+                      from, EP_SIG_ENTER, err);
 }
 
 // First staged row of destination d's receive slot of this call, as d published it.
@@ -254,18 +256,24 @@ __device__ bool enter_call(const EpPeers& peers, const EpDims& dm, int recv_slot
 }
 
 // Called by every block at its end: true in the block that arrives last, once every block of the
-// grid has fenced its stores (system scope, so peers see them before any flag raised after this).
-// `done` returns to 0 for the next launch. Every block of a grid using it must call it.
-__device__ bool arrive_last(unsigned* done) {
-    __threadfence_system();
+// grid is done. With `for_peers`, every block's stores are then visible to peers, so a flag raised
+// after this covers them; without, only to this GPU (where nothing raised later covers remote
+// stores: calls whose rows carry their own releases). `done` returns to 0 for the next launch.
+// Every block of a grid using it must call it.
+__device__ bool arrive_last(unsigned* done, bool for_peers) {
     __syncthreads();
     __shared__ unsigned last;
     if (threadIdx.x == 0) {
-        last = atomicAdd(done, 1u) == gridDim.x - 1;
-        if (last) {
-            *done = 0;
+        // The barrier orders the block's stores before this thread's fence, which is cumulative: one
+        // fence covers them all. The acquiring add makes every earlier block's stores the last
+        // block's to pass on.
+        if (for_peers) {
             __threadfence_system();
+        } else {
+            __threadfence();
         }
+        last = atom_add_acq_rel_gpu(done, 1u) == gridDim.x - 1;
+        if (last) *done = 0;
     }
     __syncthreads();
     return last;
@@ -274,7 +282,7 @@ __device__ bool arrive_last(unsigned* done) {
 // The end of a data phase: the last block raises `sig` on every peer (when `raise`) and, in a
 // call's first kernel, stores the call number.
 __device__ void finish_phase(const EpPeers& peers, const EpDims& dm, unsigned* done, int sig, bool raise) {
-    if (!arrive_last(done)) return;
+    if (!arrive_last(done, true)) return;
     if (raise) signal_all(peers, dm, sig);
     __syncthreads();
     if (threadIdx.x == 0) commit_call(dm);
@@ -426,9 +434,12 @@ __device__ void count_experts(const EpDims& dm, const void* topk, int idx64, int
                               int* slot_rank, int* hist_shared, int* scratch, int* err) {
     const int E = dm.num_experts, K = dm.topk, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const bool in_shared = E <= EP_RANK_SHARED_INTS;
-    const int segs = in_shared ? min(static_cast<int>(blockDim.x >> 5), EP_RANK_SHARED_INTS / E) : 32;
-    int* hist = in_shared ? hist_shared : scratch;
     const int64_t slots = static_cast<int64_t>(num_tokens) * K;
+    // At least 32 slots a warp: every stretch costs each expert a step of the scan below, which
+    // would outlast the counting itself for a few slots.
+    const int most_segs = in_shared ? min(static_cast<int>(blockDim.x >> 5), EP_RANK_SHARED_INTS / E) : 32;
+    const int segs = static_cast<int>(max(int64_t{1}, min(static_cast<int64_t>(most_segs), (slots + 31) / 32)));
+    int* hist = in_shared ? hist_shared : scratch;
     const int64_t stretch = (slots + segs - 1) / segs;
     for (int64_t i = threadIdx.x; i < static_cast<int64_t>(segs) * E; i += blockDim.x) hist[i] = 0;
     __syncthreads();
@@ -502,16 +513,9 @@ __device__ void route_block(const EpDims& dm, const void* topk, int idx64, int n
 __device__ bool await_routes(const EpDims& dm, unsigned* routed, int* err) {
     __shared__ int ok;
     if (threadIdx.x == 0) {
-        ok = 1;
-        const uint64_t deadline = global_timer_ns() + dm.timeout_ns;
-        while (ld_acquire_gpu(routed) < static_cast<unsigned>(dm.world)) {
-            if (global_timer_ns() > deadline) {
-                report(err, EP_ERR_TIMEOUT, dm.rank, dm.rank, EP_SIG_ENTER);
-                ok = 0;
-                break;
-            }
-            __nanosleep(32);
-        }
+        // Not cut short by a failure: every route block must have added before the reset.
+        ok = spin_until([&] { return ld_acquire_gpu(routed) >= static_cast<unsigned>(dm.world); }, dm,
+                        global_timer_ns() + dm.timeout_ns, false, dm.rank, EP_SIG_ENTER, err);
         *routed = 0u;
     }
     // Thread 0's acquired view passes to the block through the barrier.
@@ -534,6 +538,11 @@ __device__ void notify(const EpPeers& peers, const EpDims& dm, const int* counts
                        int* my_base_on, int* out_per_src, int* out_per_expert, int* out_offsets, int* group_base,
                        int* staged, int* err) {
     const int n = dm.world + dm.num_experts, row = EP_INBOX_ROW(dm.world, dm.num_experts);
+    // What the derivation below reads besides the inbox, loaded while the peers' rows are on their
+    // way: the capacities, and each thread's first local expert.
+    __shared__ int cap[EP_MAX_WORLD];
+    if (threadIdx.x < dm.world) cap[threadIdx.x] = capacity[threadIdx.x];
+    const int first_local = threadIdx.x < dm.num_local ? local_experts[threadIdx.x] : 0;
     for (int i = threadIdx.x; i < row; i += blockDim.x) {
         // counts[0..world) come from the route blocks: read past L1.
         const uint64_t word = inbox_word(dm, i < n ? __ldcg(counts + i) : recv_slot);
@@ -589,7 +598,7 @@ __device__ void notify(const EpPeers& peers, const EpDims& dm, const int* counts
     int running = 0;
     for (int first = 0; first < dm.num_local; first += blockDim.x) {
         const int g = first + threadIdx.x;
-        const int e = g < dm.num_local ? local_experts[g] : 0;
+        const int e = first == 0 ? first_local : (g < dm.num_local ? local_experts[g] : 0);
         int c = 0;
         for (int s = 0; g < dm.num_local && s < dm.world; ++s) c += in(s, dm.world + e);
         if (g < dm.num_local) out_per_expert[g] = c;
@@ -607,8 +616,8 @@ __device__ void notify(const EpPeers& peers, const EpDims& dm, const int* counts
     if (align > 0 && threadIdx.x == 0) out_offsets[dm.num_local] = running;
     __syncthreads();
     for (int d = 0; threadIdx.x == 0 && d < dm.world; ++d) {
-        if (need[d] > capacity[d]) {
-            report(err, EP_ERR_CAPACITY, d, need[d], capacity[d]);
+        if (need[d] > cap[d]) {
+            report(err, EP_ERR_CAPACITY, d, need[d], cap[d]);
             break;
         }
     }
@@ -666,9 +675,11 @@ __device__ __forceinline__ int64_t part_bytes_of(int64_t row_bytes, int parts) {
 // straight into the destination's staging buffers at the row the routing gave it, in the receive
 // slot the destination picked. Items (token, destination) go to warps in turn; with fewer items
 // than warps, a row goes out in pieces, a warp each (row_parts). The first piece carries the
-// scales and metadata. When the destination lays rows out as they come (`count_arrivals`), the
-// warp then adds kRowUnits / parts to its arrival counter of the row's chunk, with a
-// system-scope release.
+// scales and metadata, except where the data flag covers the row (not `count_arrivals`): there
+// they are a piece of their own, so that the metadata's chain of dependent loads runs beside the
+// payload's copy instead of after it. When the destination lays rows out as they come
+// (`count_arrivals`), the warp then adds kRowUnits / parts to its arrival counter of the row's
+// chunk, with a system-scope release.
 __device__ void send_rows(const EpPeers& peers, const EpDims& dm, const uint8_t* x, const float* scales,
                           const void* topk, int idx64, const float* weights, const int* expert_rank,
                           const int* local_index, const int* pos, const int* my_base_on, const int* slot_rank,
@@ -678,23 +689,27 @@ __device__ void send_rows(const EpPeers& peers, const EpDims& dm, const uint8_t*
     const int64_t items = static_cast<int64_t>(num_tokens) * W;
     const int parts = row_parts(items, warps, false);
     const int64_t part_bytes = part_bytes_of(dm.x_row_bytes, parts);
-    for (int64_t piece = warp; piece < items * parts; piece += warps) {
-        const int64_t item = piece / parts;
-        const int part = static_cast<int>(piece - item * parts);
+    // Pieces per item: the payload's parts, and the side piece (scales, metadata) when apart.
+    const bool side_apart = parts > 1 && !count_arrivals && (!payload_only || (S > 0 && scales));
+    const int pieces = parts + side_apart;
+    const int side_part = side_apart ? parts : 0;
+    for (int64_t piece = warp; piece < items * pieces; piece += warps) {
+        const int64_t item = piece / pieces;
+        const int part = static_cast<int>(piece - item * pieces);
         const int p = pos[item];
         if (p < 0) continue;
         const int t = static_cast<int>(item / W), d = static_cast<int>(item - static_cast<int64_t>(t) * W);
         const int64_t row = slot_base(peers, dm, d) + my_base_on[d] + p;
         const int64_t begin = part * part_bytes, bytes = min(part_bytes, dm.x_row_bytes - begin);
-        if (bytes > 0) {
+        if (part < parts && bytes > 0) {
             warp_copy<true>(reinterpret_cast<uint8_t*>(peers.stage_x[d]) + row * dm.stage_row_bytes + begin,
                             x + static_cast<int64_t>(t) * dm.x_row_bytes + begin, bytes, lane);
         }
-        if (part == 0 && S > 0 && scales) {
+        if (part == side_part && S > 0 && scales) {
             float* dst = reinterpret_cast<float*>(peers.stage_scales[d]) + row * S;
             for (int i = lane; i < S; i += 32) dst[i] = scales[static_cast<int64_t>(t) * S + i];
         }
-        if (part == 0 && !payload_only) {
+        if (part == side_part && !payload_only) {
             int* meta = reinterpret_cast<int*>(peers.stage_meta[d]) + row * EP_META_INTS(K);
             if (lane == 0) {
                 meta[0] = dm.rank;
@@ -994,7 +1009,9 @@ extern "C" __global__ void __launch_bounds__(1024)
         expand_arrivals(dm, ex, layout_stages + static_cast<int64_t>(w - send_warps) * stage_bytes, stage_bytes,
                         blockIdx.x * layout_warps + (w - send_warps), gridDim.x * layout_warps, err);
     }
-    if (!arrive_last(done)) return;
+    // Expert-major rows carry their own releases (count_arrivals); token-major ones are covered
+    // by the data flag raised below.
+    if (!arrive_last(done, !lays_out)) return;
     if (lays_out && !failed(err)) {
         const int chunks = (dm.max_tokens + EP_CHUNK_TOKENS - 1) / EP_CHUNK_TOKENS;
         for (int i = threadIdx.x; i < dm.world * chunks; i += blockDim.x) {
@@ -1434,7 +1451,9 @@ __device__ void combine(const EpPeers& peers, const EpDims& dm, const T* y, cons
         reduce_tokens<T>(dm, back, back_side, pos, num_tokens, out, out_side, true, next_item, &tables[w], 0,
                          gridDim.x * per_block, err);
     }
-    if (!arrive_last(done)) return;
+    // Every row went with its own release; this only tells the last block that every counter is
+    // full, so it can reset them.
+    if (!arrive_last(done, false)) return;
     if (threadIdx.x == 0) *next_item = 0u;
     if (!failed(err)) {
         const int chunks = (num_tokens + EP_CHUNK_TOKENS - 1) / EP_CHUNK_TOKENS;

@@ -445,8 +445,13 @@ impl CudaBackend {
             reserved: 0,
             epoch_ptr: self.epoch.ptr(),
             my_signals: self.peers.signals[self.rank],
-            timeout_ns: c.timeout.as_nanos().min(u64::MAX as u128) as u64,
+            timeout_ns: self.timeout_ns(),
         }
+    }
+
+    /// How long the kernels wait for a peer (or a gate) before giving up, in ns.
+    fn timeout_ns(&self) -> u64 {
+        u64::try_from(self.config.timeout.as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Device memory the kernels of the call write in full before anything reads it.
@@ -654,19 +659,23 @@ impl CudaBackend {
         self.shared.stage_row_bytes == self.config.hidden * dtype.size()
     }
 
-    /// Token-major: once every rank's rows arrived, lays the staged payload out in the recorded
-    /// rows: `[out_rows, H]` of `dtype`, and the scales when `with_scales` (the dispatcher has
-    /// scale columns and the payload carried them).
+    /// A token-major replay (`first`: the dims of its call's first kernel, for payload rows of
+    /// `row_bytes`): sends a payload along a recorded routing, then, once every rank's rows
+    /// arrived, lays them out in the recorded rows: `[out_rows, H]` of `dtype`, and the scales when `with_scales`
+    /// (the dispatcher has scale columns and the payload carried them).
     #[allow(clippy::too_many_arguments)]
-    fn place_payload(
+    fn replay_token_major(
         &self,
-        dm: EpDims,
+        (first, row_bytes): (EpDims, usize),
         h: &CudaHandle,
-        out_rows: usize,
-        dtype: DType,
-        with_scales: bool,
+        (x, scales): (u64, Option<u64>),
+        num_tokens: usize,
+        (out_rows, dtype, with_scales): (usize, DType, bool),
         slot: &RecvSlot,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        let none = EpExpand::default();
+        self.send_payload(first, h, x, scales, num_tokens, slot, none)?;
+        let dm = self.dims(row_bytes, false);
         let (x, scales, in_place) = self.payload_tensors(out_rows, dtype, with_scales, slot)?;
         self.lay_out_token_major(dm, h, slot, (&x, scales.as_ref(), in_place), None)?;
         Ok((x, scales))
@@ -990,7 +999,7 @@ impl Backend for CudaBackend {
         };
         self.holds += 1;
         let until = self.holds;
-        let timeout_ns = self.dims(0, false).timeout_ns;
+        let timeout_ns = self.timeout_ns();
         let r = self
             .kernels
             .hold(self.stream(), word.device_ptr(), until, timeout_ns);
@@ -1267,17 +1276,16 @@ impl Backend for CudaBackend {
         let first = self.dims(row_bytes, true);
         let (x_in, scales_in) = (ptr_of(&x), scales.as_ref().map(ptr_of));
         let (x, scales) = if token_major {
-            self.send_payload(
-                first,
+            let out = (handle.out_rows, dtype, true);
+            let payload = (x_in, scales_in);
+            self.replay_token_major(
+                (first, row_bytes),
                 h,
-                x_in,
-                scales_in,
+                payload,
                 handle.num_tokens,
+                out,
                 &slot,
-                EpExpand::default(),
-            )?;
-            let dm = self.dims(row_bytes, false);
-            self.place_payload(dm, h, handle.out_rows, dtype, true, &slot)?
+            )?
         } else {
             // The send kernel lays the rows out along the recorded expansion as they arrive.
             let (x, scales, _) = self.payload_tensors(handle.out_rows, dtype, true, &slot)?;
@@ -1357,25 +1365,26 @@ impl Backend for CudaBackend {
         let first = self.dims(row_bytes, true);
         let slot = self.pick_slot(h.exp_rows.is_none() && self.slot_holds_rows_of(cd));
         let grad = ptr_of(&grad_out);
-        self.send_payload(
-            first,
-            h,
-            grad,
-            None,
-            handle.num_tokens,
-            &slot,
-            EpExpand::default(),
-        )?;
-        let dm = self.dims(row_bytes, false);
         let Some(exp_rows) = &h.exp_rows else {
             // Token-major combine is an unweighted sum: its backward is a replay of grad_out.
-            let (grad_y, _) = self.place_payload(dm, h, handle.out_rows, cd, false, &slot)?;
+            let out = (handle.out_rows, cd, false);
+            let (grad_y, _) = self.replay_token_major(
+                (first, row_bytes),
+                h,
+                (grad, None),
+                handle.num_tokens,
+                out,
+                &slot,
+            )?;
             self.finish_exact()?;
             return Ok(CombineBackwardOutput {
                 grad_y,
                 grad_weights: None,
             });
         };
+        let none = EpExpand::default();
+        self.send_payload(first, h, grad, None, handle.num_tokens, &slot, none)?;
+        let dm = self.dims(row_bytes, false);
         // Padding rows of grad_y are unspecified, like the payload's.
         let grad_y = self.tensor(handle.out_rows, Some(self.config.hidden), cd)?;
         let r = self.kernels.combine_backward_expert(
