@@ -179,7 +179,8 @@ __device__ bool wait_all(const EpDims& dm, int sig, int* err) {
     return block_ok(err) && ok;
 }
 
-// Raises flag `sig` of this rank on every peer (one thread per peer).
+// Raises flag `sig` of this rank on every peer (one thread per peer), with a release store: a
+// peer that sees it sees the data stored before it.
 __device__ void signal_all(const EpPeers& peers, const EpDims& dm, int sig) {
     if (threadIdx.x < dm.world) {
         st_release_sys(signal_slot(peers.signals[threadIdx.x], sig, dm.rank), call_epoch(dm));
@@ -243,7 +244,8 @@ __device__ bool wait_slots(const EpPeers& peers, const EpDims& dm, int* err) {
 // tells every peer this rank entered (so its buffers are free to overwrite: its previous call is
 // over), and every block waits until every peer did the same. With a receive slot to publish
 // (`recv_slot` >= 0), the inbox word carrying it is the message, as in notify; without, the
-// EP_SIG_ENTER flag, whose release store needs no fence before it (there is no data to publish).
+// EP_SIG_ENTER flag. Either is a relaxed store: it publishes no data, and this rank's reads of the
+// buffers peers will overwrite were in kernels ahead of this one, all complete (stream order).
 __device__ bool enter_call(const EpPeers& peers, const EpDims& dm, int recv_slot, int* err) {
     if (recv_slot >= 0) {
         if (blockIdx.x == 0 && threadIdx.x < dm.world) {
@@ -251,7 +253,9 @@ __device__ bool enter_call(const EpPeers& peers, const EpDims& dm, int recv_slot
         }
         return wait_slots(peers, dm, err);
     }
-    if (blockIdx.x == 0) signal_all(peers, dm, EP_SIG_ENTER);
+    if (blockIdx.x == 0 && threadIdx.x < dm.world) {
+        st_relaxed_sys(signal_slot(peers.signals[threadIdx.x], EP_SIG_ENTER, dm.rank), call_epoch(dm));
+    }
     return wait_all(dm, EP_SIG_ENTER, err);
 }
 
@@ -264,14 +268,10 @@ __device__ bool arrive_last(unsigned* done, bool for_peers) {
     __syncthreads();
     __shared__ unsigned last;
     if (threadIdx.x == 0) {
-        // The barrier orders the block's stores before this thread's fence, which is cumulative: one
-        // fence covers them all. The acquiring add makes every earlier block's stores the last
-        // block's to pass on.
-        if (for_peers) {
-            __threadfence_system();
-        } else {
-            __threadfence();
-        }
+        // The barrier orders the block's stores before this thread's fence (for peers) or its
+        // releasing add (this GPU), both cumulative: one covers them all. The add also acquires
+        // every earlier block's stores, for the last block to pass on.
+        if (for_peers) __threadfence_system();
         last = atom_add_acq_rel_gpu(done, 1u) == gridDim.x - 1;
         if (last) *done = 0;
     }
