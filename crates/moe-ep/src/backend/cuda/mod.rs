@@ -661,9 +661,8 @@ impl CudaBackend {
 
     /// A token-major replay (`first`: the dims of its call's first kernel, for payload rows of
     /// `row_bytes`): sends a payload along a recorded routing, then, once every rank's rows
-    /// arrived, lays them out in the recorded rows: `[out_rows, H]` of `dtype`, and the scales when `with_scales`
-    /// (the dispatcher has scale columns and the payload carried them).
-    #[allow(clippy::too_many_arguments)]
+    /// arrived, lays them out in the recorded rows: `[out_rows, H]` of `dtype`, and the scales
+    /// when `with_scales` (the dispatcher has scale columns and the payload carried them).
     fn replay_token_major(
         &self,
         (first, row_bytes): (EpDims, usize),
