@@ -67,6 +67,7 @@ fn main() {
     for var in [
         "MOE_EP_NVCC",
         "MOE_EP_REQUIRE_KERNELS",
+        "MOE_EP_KERNEL_TRACE",
         "CUDA_HOME",
         "CUDA_PATH",
         "PATH",
@@ -89,8 +90,11 @@ fn main() {
         Err(why) => panic!("MOE_EP_REQUIRE_KERNELS=1 but {why}"),
     };
     let fatbin = out_dir.join("moe_ep.fatbin");
+    // MOE_EP_KERNEL_TRACE=1: kernels that stamp where a call's time goes (moe_ep.cu, EP_TRACE).
+    let trace = env::var("MOE_EP_KERNEL_TRACE").is_ok_and(|v| v == "1");
     let status = Command::new(&nvcc)
         .args(GENCODE)
+        .args(trace.then_some("-DEP_TRACE"))
         .args([
             "--fatbin",
             "-O3",

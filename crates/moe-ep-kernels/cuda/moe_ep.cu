@@ -80,6 +80,70 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
     return t;
 }
 
+// Kernel tracing, for measuring where a call's time goes (docs/perf-notes.md, v10). Compiled in
+// only with EP_TRACE (MOE_EP_KERNEL_TRACE=1 when cargo builds this crate). Thread 0 of every block
+// stamps %globaltimer at these points, keeping each point's first and last block, and ep_barrier
+// prints the stamps of the call before it, relative to that call's barrier, and clears them
+// (scripts/kernel-trace.py turns the prints of a bench run into a table).
+enum EpTracePoint : int {
+    kTraceBarrierEnd,      // ep_barrier done: a timed call's start event follows
+    kTraceRouteStart,      // ep_route_notify, after the grids ahead of it
+    kTraceRouted,          //   routing blocks: positions and counts written
+    kTraceCounted,         //   counting block: experts counted
+    kTraceCountsIn,        //   counting block: every rank's counts here
+    kTraceRouteEnd,        //   counting block: bases derived
+    kTraceSendStart,       // ep_dispatch_send, after the grids ahead of it
+    kTraceSendEntered,     //   every rank entered (a replay; at once otherwise)
+    kTraceSent,            //   each block: its warps' work done
+    kTraceSendEnd,         //   last block: data flag raised or counters reset
+    kTraceLayoutStart,     // ep_layout_token_major, after the grids ahead of it
+    kTraceLayoutFlags,     //   every rank's data flag seen
+    kTraceLayoutEnd,       //   each block done
+    kTraceCombineStart,    // ep_combine, after the grids ahead of it
+    kTraceCombineEntered,  //   every rank entered
+    kTraceCombineDone,     //   each block: rows sent back and reduced
+    kTraceCombineEnd,      //   last block: counters reset
+    kTracePoints
+};
+
+#ifdef EP_TRACE
+__device__ unsigned long long ep_trace_first[kTracePoints];
+__device__ unsigned long long ep_trace_last[kTracePoints];
+__device__ unsigned long long ep_trace_calls;
+
+__device__ void trace_point(EpTracePoint point, bool whole_block) {
+    if (whole_block) __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned long long t = global_timer_ns();
+        atomicMin(&ep_trace_first[point], t);
+        atomicMax(&ep_trace_last[point], t);
+    }
+}
+
+// One thread: prints the stamps since the last call of this (as "EP_TRACE rank call point first
+// last", ns after that call's kTraceBarrierEnd) and clears them.
+__device__ void trace_dump(int rank) {
+    const unsigned long long base = ep_trace_last[kTraceBarrierEnd];
+    const unsigned long long call = ep_trace_calls++;
+    for (int i = 0; i < kTracePoints; ++i) {
+        if (base != 0 && ep_trace_last[i] != 0) {
+            printf("EP_TRACE %d %llu %d %lld %lld\n", rank, call, i, static_cast<long long>(ep_trace_first[i] - base),
+                   static_cast<long long>(ep_trace_last[i] - base));
+        }
+        ep_trace_first[i] = ~0ull;
+        ep_trace_last[i] = 0;
+    }
+}
+#define EP_TRACE_POINT(point) trace_point(point, false)
+#define EP_TRACE_BLOCK(point) trace_point(point, true)  // once every warp of the block got there
+#define EP_TRACE_DUMP(rank) \
+    if (threadIdx.x == 0) trace_dump(rank)
+#else
+#define EP_TRACE_POINT(point)
+#define EP_TRACE_BLOCK(point)
+#define EP_TRACE_DUMP(rank)
+#endif
+
 // Programmatic dependent launch (sm_90). Where each rank has a GPU of its own, the host launches
 // the kernels of a call so that one may be scheduled before the kernel ahead of it in the stream
 // has finished. Every kernel first waits until the grids ahead of it completed and their memory
@@ -560,6 +624,7 @@ __device__ void notify(const EpPeers& peers, const EpDims& dm, const int* counts
         if (in_shared) staged[i] = inbox_value(w);
     }
     if (!__syncthreads_and(ok)) return;
+    EP_TRACE_POINT(kTraceCountsIn);
     // Every word is current: past L1, each reads as this call wrote it.
     const auto* mine_words = reinterpret_cast<const unsigned long long*>(mine);
     const auto in = [&](int s, int i) {
@@ -636,18 +701,22 @@ extern "C" __global__ void __launch_bounds__(1024)
                     int* out_per_src, int* out_per_expert, int* out_offsets, int* group_base, unsigned* done,
                     int* err) {
     follow_prior_grids();
+    EP_TRACE_POINT(kTraceRouteStart);
     if (blockIdx.x < dm.world) {
         route_block(dm, topk, idx64, num_tokens, expert_rank, pos, counts, done);
+        EP_TRACE_POINT(kTraceRouted);
         return;
     }
     __shared__ int shared_ints[EP_RANK_SHARED_INTS];  // count_experts' histograms, then notify's inbox copy
     count_experts(dm, topk, idx64, num_tokens, counts, slot_rank, shared_ints, rank_scratch, err);
     __syncthreads();
+    EP_TRACE_POINT(kTraceCounted);
     if (await_routes(dm, done, err) && block_ok(err)) {
         notify(peers, dm, counts, expert_rank, local_experts, capacity, align, recv_slot, recv_base, my_base_on,
                out_per_src, out_per_expert, out_offsets, group_base, shared_ints, err);
     }
     __syncthreads();
+    EP_TRACE_POINT(kTraceRouteEnd);
     if (threadIdx.x == 0) commit_call(dm);
 }
 
@@ -996,7 +1065,9 @@ extern "C" __global__ void __launch_bounds__(1024)
                      const int* my_base_on, const int* slot_rank, int num_tokens, int payload_only, int recv_slot,
                      EpExpand ex, int stage_bytes, unsigned* done, int* err) {
     follow_prior_grids();
+    EP_TRACE_POINT(kTraceSendStart);
     const bool go = (dm.begins_call ? enter_call(peers, dm, recv_slot, err) : true) && block_ok(err);
+    EP_TRACE_POINT(kTraceSendEntered);
     const int per_block = static_cast<int>(blockDim.x >> 5), w = static_cast<int>(threadIdx.x >> 5);
     const bool lays_out = ex.send_warps > 0;
     const int send_warps = lays_out ? min(ex.send_warps, per_block - 1) : per_block;
@@ -1009,6 +1080,7 @@ extern "C" __global__ void __launch_bounds__(1024)
         expand_arrivals(dm, ex, layout_stages + static_cast<int64_t>(w - send_warps) * stage_bytes, stage_bytes,
                         blockIdx.x * layout_warps + (w - send_warps), gridDim.x * layout_warps, err);
     }
+    EP_TRACE_BLOCK(kTraceSent);
     // Expert-major rows carry their own releases (count_arrivals); token-major ones are covered
     // by the data flag raised below.
     if (!arrive_last(done, !lays_out)) return;
@@ -1020,6 +1092,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     }
     if (!lays_out) signal_all(peers, dm, EP_SIG_DATA);
     __syncthreads();
+    EP_TRACE_POINT(kTraceSendEnd);
     if (threadIdx.x == 0) commit_call(dm);
 }
 
@@ -1027,8 +1100,10 @@ extern "C" __global__ void __launch_bounds__(1024)
 // block.
 extern "C" __global__ void ep_barrier(EpPeers peers, EpDims dm, int* err) {
     follow_prior_grids();
+    EP_TRACE_DUMP(dm.rank);
     enter_call(peers, dm, -1, err);
     __syncthreads();
+    EP_TRACE_POINT(kTraceBarrierEnd);
     if (threadIdx.x == 0) commit_call(dm);
 }
 
@@ -1044,7 +1119,9 @@ extern "C" __global__ void __launch_bounds__(1024)
                           float* out_scales, int* out_topk, float* out_weights, int* out_src, int* row_src,
                           int* row_slots, int* err) {
     follow_prior_grids();
+    EP_TRACE_POINT(kTraceLayoutStart);
     if (!wait_all(dm, EP_SIG_DATA, err)) return;
+    EP_TRACE_POINT(kTraceLayoutFlags);
     const int lane = threadIdx.x & 31;
     const int K = dm.topk, rows = recv_base[dm.world];
     for (int j = warp_id(); j < rows; j += warp_count()) {
@@ -1061,13 +1138,17 @@ extern "C" __global__ void __launch_bounds__(1024)
             if (out_weights) out_weights[static_cast<int64_t>(j) * K + k] = __int_as_float(meta[2 + K + k]);
         }
     }
-    if (payload_only) return;
+    if (payload_only) {
+        EP_TRACE_BLOCK(kTraceLayoutEnd);
+        return;
+    }
     const int64_t unused = static_cast<int64_t>(out_rows - rows);
     for (int64_t i = thread_id(); i < unused * K; i += thread_count()) {
         out_topk[static_cast<int64_t>(rows) * K + i] = -1;
         if (out_weights) out_weights[static_cast<int64_t>(rows) * K + i] = 0.f;
     }
     for (int64_t i = thread_id(); i < unused * 2; i += thread_count()) out_src[2 * static_cast<int64_t>(rows) + i] = -1;
+    EP_TRACE_BLOCK(kTraceLayoutEnd);
 }
 
 // Holds the stream until the host stores `until` or more into `gate` (a word of mapped host
@@ -1435,8 +1516,10 @@ __device__ void combine(const EpPeers& peers, const EpDims& dm, const T* y, cons
                         const int* offsets, int rows_given, const T* back, const float* back_side, const int* pos,
                         int num_tokens, T* out, float* out_side, int send_warps, int ring_vecs, unsigned* done,
                         int* err) {
+    EP_TRACE_POINT(kTraceCombineStart);
     const bool covered = rows_cover(dm, recv_base, offsets, rows_given, err);
     const bool entered = enter_call(peers, dm, -1, err);
+    EP_TRACE_POINT(kTraceCombineEntered);
     const int per_block = static_cast<int>(blockDim.x >> 5), w = static_cast<int>(threadIdx.x >> 5);
     send_warps = min(max(send_warps, 1), per_block - 1);
     unsigned* next_item = done + 1;
@@ -1451,9 +1534,11 @@ __device__ void combine(const EpPeers& peers, const EpDims& dm, const T* y, cons
         reduce_tokens<T>(dm, back, back_side, pos, num_tokens, out, out_side, true, next_item, &tables[w], 0,
                          gridDim.x * per_block, err);
     }
+    EP_TRACE_BLOCK(kTraceCombineDone);
     // Every row went with its own release; this only tells the last block that every counter is
     // full, so it can reset them.
     if (!arrive_last(done, false)) return;
+    EP_TRACE_POINT(kTraceCombineEnd);
     if (threadIdx.x == 0) *next_item = 0u;
     if (!failed(err)) {
         const int chunks = (num_tokens + EP_CHUNK_TOKENS - 1) / EP_CHUNK_TOKENS;
