@@ -243,11 +243,16 @@ __device__ bool wait_all(const EpDims& dm, int sig, int* err) {
     return block_ok(err) && ok;
 }
 
-// Raises flag `sig` of this rank on every peer (one thread per peer), with a release store: a
-// peer that sees it sees the data stored before it.
-__device__ void signal_all(const EpPeers& peers, const EpDims& dm, int sig) {
+// Raises flag `sig` of this rank on every peer (one thread per peer). With `release`, a peer
+// that sees it sees the data stored before it; without, it publishes nothing but itself.
+__device__ __forceinline__ void signal_all(const EpPeers& peers, const EpDims& dm, int sig, bool release = true) {
     if (threadIdx.x < dm.world) {
-        st_release_sys(signal_slot(peers.signals[threadIdx.x], sig, dm.rank), call_epoch(dm));
+        uint64_t* flag = signal_slot(peers.signals[threadIdx.x], sig, dm.rank);
+        if (release) {
+            st_release_sys(flag, call_epoch(dm));
+        } else {
+            st_relaxed_sys(flag, call_epoch(dm));
+        }
     }
 }
 
@@ -317,9 +322,7 @@ __device__ bool enter_call(const EpPeers& peers, const EpDims& dm, int recv_slot
         }
         return wait_slots(peers, dm, err);
     }
-    if (blockIdx.x == 0 && threadIdx.x < dm.world) {
-        st_relaxed_sys(signal_slot(peers.signals[threadIdx.x], EP_SIG_ENTER, dm.rank), call_epoch(dm));
-    }
+    if (blockIdx.x == 0) signal_all(peers, dm, EP_SIG_ENTER, false);
     return wait_all(dm, EP_SIG_ENTER, err);
 }
 
