@@ -40,6 +40,10 @@ POINTS = [
     "combine: every rank entered",
     "combine: each block sent and reduced",
     "combine: end",
+    "send kernel: each sending warp's rows out",
+    "combine: each sending warp's rows back",
+    "combine: a chunk complete (each reducing warp)",
+    "combine: each warp's reduce done",
 ]
 ROUTE, SEND, COMBINE = 1, 6, 13
 SKIPPED_CALLS = 3  # the first calls of each rank run before the timed ones settle

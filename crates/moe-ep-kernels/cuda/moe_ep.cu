@@ -103,6 +103,10 @@ enum EpTracePoint : int {
     kTraceCombineEntered,  //   every rank entered
     kTraceCombineDone,     //   each block: rows sent back and reduced
     kTraceCombineEnd,      //   last block: counters reset
+    kTraceSendWarpDone,    // ep_dispatch_send: each sending warp, its rows out
+    kTraceCombineSentBack, // combine: each sending warp, its rows back
+    kTraceCombineChunkIn,  //   each reducing warp, a chunk complete
+    kTraceCombineReduced,  //   each warp, its reduce done
     kTracePoints
 };
 
@@ -111,9 +115,9 @@ __device__ unsigned long long ep_trace_first[kTracePoints];
 __device__ unsigned long long ep_trace_last[kTracePoints];
 __device__ unsigned long long ep_trace_calls;
 
-__device__ void trace_point(EpTracePoint point, bool whole_block) {
+__device__ void trace_point(EpTracePoint point, bool whole_block, bool per_warp = false) {
     if (whole_block) __syncthreads();
-    if (threadIdx.x == 0) {
+    if (per_warp ? (threadIdx.x & 31) == 0 : threadIdx.x == 0) {
         const unsigned long long t = global_timer_ns();
         atomicMin(&ep_trace_first[point], t);
         atomicMax(&ep_trace_last[point], t);
@@ -136,11 +140,13 @@ __device__ void trace_dump(int rank) {
 }
 #define EP_TRACE_POINT(point) trace_point(point, false)
 #define EP_TRACE_BLOCK(point) trace_point(point, true)  // once every warp of the block got there
+#define EP_TRACE_WARP(point) trace_point(point, false, true)  // by every warp that gets there
 #define EP_TRACE_DUMP(rank) \
     if (threadIdx.x == 0) trace_dump(rank)
 #else
 #define EP_TRACE_POINT(point)
 #define EP_TRACE_BLOCK(point)
+#define EP_TRACE_WARP(point)
 #define EP_TRACE_DUMP(rank)
 #endif
 
@@ -1077,6 +1083,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     if (go && w < send_warps) {
         send_rows(peers, dm, x, scales, topk, idx64, weights, expert_rank, local_index, pos, my_base_on, slot_rank,
                   num_tokens, payload_only, lays_out, blockIdx.x * send_warps + w, gridDim.x * send_warps);
+        EP_TRACE_WARP(kTraceSendWarpDone);
     } else if (go) {
         const int layout_warps = per_block - send_warps;
         extern __shared__ __align__(128) uint8_t layout_stages[];  // layout_warps x stage_bytes
@@ -1245,6 +1252,50 @@ __device__ __forceinline__ void sum_sources(float (&acc)[Vec16<T>::kLen], unsign
             if (idx[u] < 0) continue;
 #pragma unroll
             for (int i = 0; i < Vec16<T>::kLen; ++i) acc[i] = acc[i] + widen(in[u].e[i]);
+        }
+    }
+}
+
+// The vectors first, first + 32, ... < end of a row: out_row[v] = the sum over the sources set in
+// `sources` (at most kSources), ascending, of vector_of(d, v) (in a buffer peers store into), f32
+// from +0.0, rounded once, the adds as in sum_sources. kStrides of the lane's vectors from every
+// source are loaded before any is added, so kStrides x kSources loads are in flight at once: with
+// few sources, sum_sources alone would keep only their count in flight.
+template <typename T, int kStrides, int kSources, typename VectorOf>
+__device__ __forceinline__ void reduce_vectors(int4* out_row, unsigned sources, int first, int end,
+                                               VectorOf vector_of) {
+    using V = Vec16<T>;
+    int src[kSources];
+#pragma unroll
+    for (int q = 0; q < kSources; ++q) {
+        src[q] = sources ? __ffs(sources) - 1 : -1;
+        sources &= sources - 1;
+    }
+    for (int v0 = first; v0 < end; v0 += 32 * kStrides) {
+        V in[kStrides][kSources];
+#pragma unroll
+        for (int u = 0; u < kStrides; ++u) {
+#pragma unroll
+            for (int q = 0; q < kSources; ++q) {
+                if (v0 + 32 * u < end && src[q] >= 0) in[u][q].load(vector_of(src[q], v0 + 32 * u));
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < kStrides; ++u) {
+            if (v0 + 32 * u >= end) break;
+            float acc[V::kLen];
+#pragma unroll
+            for (int i = 0; i < V::kLen; ++i) acc[i] = 0.f;
+#pragma unroll
+            for (int q = 0; q < kSources; ++q) {
+                if (src[q] < 0) continue;
+#pragma unroll
+                for (int i = 0; i < V::kLen; ++i) acc[i] = acc[i] + widen(in[u][q].e[i]);
+            }
+            V o;
+#pragma unroll
+            for (int i = 0; i < V::kLen; ++i) o.e[i] = narrow<T>(acc[i]);
+            o.store(out_row + v0 + 32 * u);
         }
     }
 }
@@ -1442,11 +1493,11 @@ __device__ void reduce_tokens(const EpDims& dm, const T* back, const float* back
     const bool vec = vector_rows<T>(dm, out);
     // A lane walks its part of a row one dependent load batch after another; with few tokens, a
     // warp per token would leave most warps idle and those chains long. Each token's row is then
-    // split into `parts` pieces of whole 32-lane strides, a warp each.
+    // split into `parts` pieces of whole 32-lane strides, a warp each, down to one stride a warp.
     const int units = vec ? H / V::kLen : H;  // vectors or elements per row
-    const int parts = max(1, min(min(8, (units + 31) / 32), warps / max(num_tokens, 1)));
+    const int parts = max(1, min((units + 31) / 32, warps / max(num_tokens, 1)));
     const int per_part = ((units + parts - 1) / parts + 31) / 32 * 32;
-    const int items = num_tokens * parts;  // at most 8 * max_tokens
+    const int items = num_tokens * parts;  // at most warps, or max_tokens
     int ready_chunk = -1;
     for (int item = warp;; item += warps) {
         if (next_item) {
@@ -1459,6 +1510,7 @@ __device__ void reduce_tokens(const EpDims& dm, const T* back, const float* back
         if (per_chunk && t / EP_CHUNK_TOKENS != ready_chunk) {
             if (!wait_chunk(dm, pos, num_tokens, t / EP_CHUNK_TOKENS, err)) return;
             ready_chunk = t / EP_CHUNK_TOKENS;
+            EP_TRACE_WARP(kTraceCombineChunkIn);
         }
         const int begin = part * per_part, end = min(units, begin + per_part);
         // The token's row on each destination, into the warp's table (read in the inner loops).
@@ -1469,16 +1521,24 @@ __device__ void reduce_tokens(const EpDims& dm, const T* back, const float* back
         const auto back_row = [&](int d) { return back + (static_cast<int64_t>(d) * dm.max_tokens + p[d]) * H; };
         if (out && vec) {
             const unsigned sources = __ballot_sync(0xffffffffu, lane < dm.world && p[lane] >= 0);
-            for (int v = begin + lane; v < end; v += 32) {
-                float acc[V::kLen];
+            int4* out_row = reinterpret_cast<int4*>(out + static_cast<int64_t>(t) * H);
+            const auto vector_of = [&](int d, int v) { return reinterpret_cast<const int4*>(back_row(d)) + v; };
+            // Two sources (world 2, or a token on two ranks): two of the lane's vectors at once, four
+            // loads in flight, as the batches of sum_sources give more sources. (Two vectors of four
+            // sources would spill at the 64 registers of 1024 threads.)
+            if (__popc(sources) <= 2) {
+                reduce_vectors<T, 2, 2>(out_row, sources, begin + lane, end, vector_of);
+            } else {
+                for (int v = begin + lane; v < end; v += 32) {
+                    float acc[V::kLen];
 #pragma unroll
-                for (int i = 0; i < V::kLen; ++i) acc[i] = 0.f;
-                sum_sources<T, 4>(acc, sources,
-                                  [&](int d) { return reinterpret_cast<const int4*>(back_row(d)) + v; });
-                V o;
+                    for (int i = 0; i < V::kLen; ++i) acc[i] = 0.f;
+                    sum_sources<T, 4>(acc, sources, [&](int d) { return vector_of(d, v); });
+                    V o;
 #pragma unroll
-                for (int i = 0; i < V::kLen; ++i) o.e[i] = narrow<T>(acc[i]);
-                o.store(reinterpret_cast<int4*>(out + static_cast<int64_t>(t) * H) + v);
+                    for (int i = 0; i < V::kLen; ++i) o.e[i] = narrow<T>(acc[i]);
+                    o.store(out_row + v);
+                }
             }
         } else if (out) {
             for (int h = begin + lane; h < end; h += 32) {
@@ -1533,9 +1593,11 @@ __device__ void combine(const EpPeers& peers, const EpDims& dm, const T* y, cons
             send_back_rows<T>(peers, dm, y, weights, row_weights, unit_weights, recv_base, row_src, row_slots,
                               exp_rows, side, side_mode, offsets != nullptr, rings + w * ring_vecs * 32, ring_vecs,
                               &tables[w], blockIdx.x * send_warps + w, gridDim.x * send_warps);
+            EP_TRACE_WARP(kTraceCombineSentBack);
         }
         reduce_tokens<T>(dm, back, back_side, pos, num_tokens, out, out_side, true, next_item, &tables[w], 0,
                          gridDim.x * per_block, err);
+        EP_TRACE_WARP(kTraceCombineReduced);
     }
     EP_TRACE_BLOCK(kTraceCombineDone);
     // Every row went with its own release; this only tells the last block that every counter is
