@@ -42,6 +42,10 @@ __device__ __forceinline__ unsigned ld_acquire_sys(const unsigned* p) {
     return v;
 }
 
+// A release fence at system scope (MEMBAR.ALL.SYS): what a release pattern needs, without the
+// sequential consistency of __threadfence_system (MEMBAR.SC.SYS).
+__device__ __forceinline__ void fence_release_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+
 __device__ __forceinline__ void st_relaxed_sys(uint64_t* p, uint64_t v) {
     asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
@@ -344,7 +348,7 @@ __device__ bool arrive_last(unsigned* done, bool for_peers) {
         // The barrier orders the block's stores before this thread's fence (for peers) or its
         // releasing add (this GPU), both cumulative: one covers them all. The add also acquires
         // every earlier block's stores, for the last block to pass on.
-        if (for_peers) __threadfence_system();
+        if (for_peers) fence_release_sys();
         last = atom_add_acq_rel_gpu(done, 1u) == gridDim.x - 1;
         if (last) *done = 0;
     }
@@ -496,6 +500,12 @@ template <> __device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16>(float
 // ------------------------------------------------------------------------------------------------
 // Dispatch
 
+// Reports slot i's expert id e, out of range (neither an expert nor -1).
+__device__ void report_expert_id(int* err, int64_t i, int K, int64_t e) {
+    report(err, EP_ERR_EXPERT_ID, static_cast<int>(i / K), static_cast<int>(i % K),
+           static_cast<int>(e < INT32_MIN ? INT32_MIN : (e > INT32_MAX ? INT32_MAX : e)));
+}
+
 // Block `world` of the route kernel: counts the slots of each expert into counts[world + e],
 // reports ids out of range and, when `slot_rank` is given, ranks every slot among the slots of its
 // expert in (t, k) order (slot_rank[t * K + k], -1 for dropped slots), which places it in its
@@ -508,6 +518,22 @@ __device__ void count_experts(const EpDims& dm, const void* topk, int idx64, int
     const int E = dm.num_experts, K = dm.topk, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const bool in_shared = E <= EP_RANK_SHARED_INTS;
     const int64_t slots = static_cast<int64_t>(num_tokens) * K;
+    if (!slot_rank && in_shared) {
+        // Counts alone need no stretches: one histogram, every thread adding its slots.
+        for (int e = threadIdx.x; e < E; e += blockDim.x) hist_shared[e] = 0;
+        __syncthreads();
+        for (int64_t i = threadIdx.x; i < slots; i += blockDim.x) {
+            const int64_t e = load_expert(topk, idx64, i);
+            if (e >= 0 && e < E) {
+                atomicAdd(&hist_shared[e], 1);
+            } else if (e != -1) {
+                report_expert_id(err, i, K, e);
+            }
+        }
+        __syncthreads();
+        for (int e = threadIdx.x; e < E; e += blockDim.x) counts[dm.world + e] = hist_shared[e];
+        return;
+    }
     // At least 32 slots a warp: every stretch costs each expert a step of the scan below, which
     // would outlast the counting itself for a few slots.
     const int most_segs = in_shared ? min(static_cast<int>(blockDim.x >> 5), EP_RANK_SHARED_INTS / E) : 32;
@@ -523,8 +549,7 @@ __device__ void count_experts(const EpDims& dm, const void* topk, int idx64, int
         if (e >= 0 && e < E) {
             atomicAdd(&mine[e], 1);
         } else if (e != -1) {
-            report(err, EP_ERR_EXPERT_ID, static_cast<int>(i / K), static_cast<int>(i % K),
-                   static_cast<int>(e < INT32_MIN ? INT32_MIN : (e > INT32_MAX ? INT32_MAX : e)));
+            report_expert_id(err, i, K, e);
         }
     }
     __syncthreads();
@@ -564,11 +589,16 @@ __device__ void route_block(const EpDims& dm, const void* topk, int idx64, int n
     for (int base = 0; base < num_tokens; base += blockDim.x) {
         const int t = base + threadIdx.x;
         int goes = 0;
-        if (t < num_tokens) {
-            for (int k = 0; k < K; ++k) {
-                int e = slot_expert(topk, idx64, static_cast<int64_t>(t) * K + k, dm.num_experts);
-                goes |= (e >= 0 && expert_rank[e] == d);
+        // Eight slots at a time: their ids, then their owners, each batch of loads in flight at
+        // once instead of one id and one owner after another.
+        for (int k0 = 0; t < num_tokens && k0 < K; k0 += 8) {
+            int e[8];
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+                e[u] = k0 + u < K ? slot_expert(topk, idx64, static_cast<int64_t>(t) * K + k0 + u, dm.num_experts) : -1;
             }
+#pragma unroll
+            for (int u = 0; u < 8; ++u) goes |= e[u] >= 0 && expert_rank[e[u]] == d;
         }
         int total;
         int prefix = block_exclusive_scan(goes, &total);
@@ -1120,9 +1150,9 @@ extern "C" __global__ void ep_barrier(EpPeers peers, EpDims dm, int* err) {
 // Token-major layout: waits for every rank's rows, which are staged (in this call's receive slot:
 // `stage_*` point at it) in (source, token) order, and copies them out (the payload only when
 // `out_x`: an output that is the slot itself needs no copy), with their metadata unless
-// `payload_only`. Also keeps, for the handle, each
-// row's (source, token) and local slot ids, and marks the output rows past the valid ones (src
-// and topk_idx -1, weights 0; their payload is unspecified). One warp per row.
+// `payload_only`. Also keeps, for the handle, each row's (source, token) and local slot ids, and
+// first marks the output rows past the valid ones (src and topk_idx -1, weights 0; their payload is
+// unspecified). One warp per row.
 extern "C" __global__ void __launch_bounds__(1024)
     ep_layout_token_major(EpDims dm, const uint8_t* stage_x, const float* stage_scales, const int* stage_meta,
                           const int* recv_base, int payload_only, int out_row_bytes, int out_rows, uint8_t* out_x,
@@ -1130,10 +1160,21 @@ extern "C" __global__ void __launch_bounds__(1024)
                           int* row_slots, int* err) {
     follow_prior_grids();
     EP_TRACE_POINT(kTraceLayoutStart);
-    if (!wait_all(dm, EP_SIG_DATA, err)) return;
-    EP_TRACE_POINT(kTraceLayoutFlags);
     const int lane = threadIdx.x & 31;
     const int K = dm.topk, rows = recv_base[dm.world];
+    if (!payload_only) {
+        // The rows past the valid ones take nothing from the peers: marked while their rows travel.
+        const int64_t unused = static_cast<int64_t>(out_rows - rows);
+        for (int64_t i = thread_id(); i < unused * K; i += thread_count()) {
+            out_topk[static_cast<int64_t>(rows) * K + i] = -1;
+            if (out_weights) out_weights[static_cast<int64_t>(rows) * K + i] = 0.f;
+        }
+        for (int64_t i = thread_id(); i < unused * 2; i += thread_count()) {
+            out_src[2 * static_cast<int64_t>(rows) + i] = -1;
+        }
+    }
+    if (!wait_all(dm, EP_SIG_DATA, err)) return;
+    EP_TRACE_POINT(kTraceLayoutFlags);
     for (int j = warp_id(); j < rows; j += warp_count()) {
         copy_staged_row(dm, stage_x, stage_scales, j, out_row_bytes, out_x, out_scales, j, lane);
         if (payload_only) continue;
@@ -1148,16 +1189,6 @@ extern "C" __global__ void __launch_bounds__(1024)
             if (out_weights) out_weights[static_cast<int64_t>(j) * K + k] = __int_as_float(meta[2 + K + k]);
         }
     }
-    if (payload_only) {
-        EP_TRACE_BLOCK(kTraceLayoutEnd);
-        return;
-    }
-    const int64_t unused = static_cast<int64_t>(out_rows - rows);
-    for (int64_t i = thread_id(); i < unused * K; i += thread_count()) {
-        out_topk[static_cast<int64_t>(rows) * K + i] = -1;
-        if (out_weights) out_weights[static_cast<int64_t>(rows) * K + i] = 0.f;
-    }
-    for (int64_t i = thread_id(); i < unused * 2; i += thread_count()) out_src[2 * static_cast<int64_t>(rows) + i] = -1;
     EP_TRACE_BLOCK(kTraceLayoutEnd);
 }
 
