@@ -1161,10 +1161,13 @@ extern "C" __global__ void __launch_bounds__(1024)
     follow_prior_grids();
     EP_TRACE_POINT(kTraceLayoutStart);
     const int lane = threadIdx.x & 31;
-    const int K = dm.topk, rows = recv_base[dm.world];
+    const int K = dm.topk;
+    // A call that failed before this kernel (a count exchange timed out) derived no recv_base: it
+    // marks nothing and returns below.
+    const int rows = failed(err) ? out_rows : recv_base[dm.world];
     if (!payload_only) {
         // The rows past the valid ones take nothing from the peers: marked while their rows travel.
-        const int64_t unused = static_cast<int64_t>(out_rows - rows);
+        const int64_t unused = max(int64_t{0}, static_cast<int64_t>(out_rows) - rows);
         for (int64_t i = thread_id(); i < unused * K; i += thread_count()) {
             out_topk[static_cast<int64_t>(rows) * K + i] = -1;
             if (out_weights) out_weights[static_cast<int64_t>(rows) * K + i] = 0.f;
