@@ -506,6 +506,18 @@ __device__ void report_expert_id(int* err, int64_t i, int K, int64_t e) {
            static_cast<int>(e < INT32_MIN ? INT32_MIN : (e > INT32_MAX ? INT32_MAX : e)));
 }
 
+// Adds slot i to `hist`, the count of its expert, or reports its id if it is out of range (-1, a
+// dropped slot, counts nowhere).
+__device__ __forceinline__ void count_slot(const void* topk, int idx64, int64_t i, int E, int K, int* hist,
+                                           int* err) {
+    const int64_t e = load_expert(topk, idx64, i);
+    if (e >= 0 && e < E) {
+        atomicAdd(&hist[e], 1);
+    } else if (e != -1) {
+        report_expert_id(err, i, K, e);
+    }
+}
+
 // Block `world` of the route kernel: counts the slots of each expert into counts[world + e],
 // reports ids out of range and, when `slot_rank` is given, ranks every slot among the slots of its
 // expert in (t, k) order (slot_rank[t * K + k], -1 for dropped slots), which places it in its
@@ -522,14 +534,7 @@ __device__ void count_experts(const EpDims& dm, const void* topk, int idx64, int
         // Counts alone need no stretches: one histogram, every thread adding its slots.
         for (int e = threadIdx.x; e < E; e += blockDim.x) hist_shared[e] = 0;
         __syncthreads();
-        for (int64_t i = threadIdx.x; i < slots; i += blockDim.x) {
-            const int64_t e = load_expert(topk, idx64, i);
-            if (e >= 0 && e < E) {
-                atomicAdd(&hist_shared[e], 1);
-            } else if (e != -1) {
-                report_expert_id(err, i, K, e);
-            }
-        }
+        for (int64_t i = threadIdx.x; i < slots; i += blockDim.x) count_slot(topk, idx64, i, E, K, hist_shared, err);
         __syncthreads();
         for (int e = threadIdx.x; e < E; e += blockDim.x) counts[dm.world + e] = hist_shared[e];
         return;
@@ -544,14 +549,7 @@ __device__ void count_experts(const EpDims& dm, const void* topk, int idx64, int
     __syncthreads();
     const int64_t begin = w * stretch, end = min(slots, begin + stretch);
     int* mine = hist + static_cast<int64_t>(w) * E;
-    for (int64_t i = begin + lane; w < segs && i < end; i += 32) {
-        const int64_t e = load_expert(topk, idx64, i);
-        if (e >= 0 && e < E) {
-            atomicAdd(&mine[e], 1);
-        } else if (e != -1) {
-            report_expert_id(err, i, K, e);
-        }
-    }
+    for (int64_t i = begin + lane; w < segs && i < end; i += 32) count_slot(topk, idx64, i, E, K, mine, err);
     __syncthreads();
     for (int e = threadIdx.x; e < E; e += blockDim.x) {
         int running = 0;
