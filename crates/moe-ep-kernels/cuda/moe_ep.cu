@@ -1555,9 +1555,9 @@ __device__ void reduce_tokens(const EpDims& dm, const T* back, const float* back
             const unsigned sources = __ballot_sync(0xffffffffu, lane < dm.world && p[lane] >= 0);
             int4* out_row = reinterpret_cast<int4*>(out + static_cast<int64_t>(t) * H);
             const auto vector_of = [&](int d, int v) { return reinterpret_cast<const int4*>(back_row(d)) + v; };
-            // Two sources (world 2, or a token on two ranks): two of the lane's vectors at once, four
-            // loads in flight, as the batches of sum_sources give more sources. (Two vectors of four
-            // sources would spill at the 64 registers of 1024 threads.)
+            // At most two sources (world 2, or a token on two ranks): two of the lane's vectors at
+            // once, four loads in flight, as many as sum_sources's batches hold for more sources.
+            // (Two vectors of four sources would spill at the 64 registers of 1024 threads.)
             if (__popc(sources) <= 2) {
                 reduce_vectors<T, 2, 2>(out_row, sources, begin + lane, end, vector_of);
             } else {
