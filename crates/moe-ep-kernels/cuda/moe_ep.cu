@@ -86,9 +86,10 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
 
 // Kernel tracing, for measuring where a call's time goes (docs/perf-notes.md, v10). Compiled in
 // only with EP_TRACE (MOE_EP_KERNEL_TRACE=1 when cargo builds this crate). Thread 0 of every block
-// stamps %globaltimer at these points, keeping each point's first and last block, and ep_barrier
-// prints the stamps of the call before it, relative to that call's barrier, and clears them
-// (scripts/kernel-trace.py turns the prints of a bench run into a table).
+// (lane 0 of every warp, at the EP_TRACE_WARP points) stamps %globaltimer at these points, keeping
+// each point's first and last stamp, and ep_barrier prints the stamps of the call before it,
+// relative to that call's barrier, and clears them (scripts/kernel-trace.py turns the prints of a
+// bench run into a table).
 enum EpTracePoint : int {
     kTraceBarrierEnd,      // ep_barrier done: a timed call's start event follows
     kTraceRouteStart,      // ep_route_notify, after the grids ahead of it
