@@ -1598,7 +1598,10 @@ __device__ void reduce_tokens(const EpDims& dm, const T* back, const float* back
 // complete (reduce_tokens), so the reduce overlaps the transfer instead of following it. In each
 // block, warps 0..send_warps-1 send and the others reduce from the start; senders join the reduce
 // once their rows are out (items come from the counter done[1]). Begins its call: waits until
-// every rank entered, so no source still reads the rows this overwrites. Too few rows handed back:
+// every rank entered, so no source still reads the rows this overwrites, unless `skip_entry`: the
+// host passes it when the call before this one was a barrier or a token-major dispatch-direction
+// call, whose entry every rank passed, so every rank finished the calls before it, the last to read
+// its back buffers and arrival counters among them (and that call touched neither). Too few rows handed back:
 // this rank sends nothing, so the sources time out naming it rather than reduce rows it never
 // sent. The last block zeroes the item counter and this rank's arrival counters for the next call:
 // every counter is full by then (each chunk was waited for), so no increment of this call is
@@ -1610,11 +1613,11 @@ __device__ void combine(const EpPeers& peers, const EpDims& dm, const T* y, cons
                         const float* row_weights, int unit_weights, const int* recv_base, const int* row_src,
                         const int* row_slots, const int* exp_rows, const float* side, int side_mode,
                         const int* offsets, int rows_given, const T* back, const float* back_side, const int* pos,
-                        int num_tokens, T* out, float* out_side, int send_warps, int ring_vecs, unsigned* done,
-                        int* err) {
+                        int num_tokens, T* out, float* out_side, int skip_entry, int send_warps, int ring_vecs,
+                        unsigned* done, int* err) {
     EP_TRACE_POINT(kTraceCombineStart);
     const bool covered = rows_cover(dm, recv_base, offsets, rows_given, err);
-    const bool entered = enter_call(peers, dm, -1, err);
+    const bool entered = skip_entry ? block_ok(err) : enter_call(peers, dm, -1, err);
     EP_TRACE_POINT(kTraceCombineEntered);
     const int per_block = static_cast<int>(blockDim.x >> 5), w = static_cast<int>(threadIdx.x >> 5);
     send_warps = min(max(send_warps, 1), per_block - 1);
@@ -1710,11 +1713,11 @@ __device__ void combine_backward_expert(const EpPeers& peers, const EpDims& dm, 
         int unit_weights, const int* recv_base, const int* row_src, const int* row_slots,                   \
         const int* exp_rows, const float* side, int side_mode, const int* offsets, int rows_given,          \
         const T* back, const float* back_side, const int* pos, int num_tokens, T* out, float* out_side,     \
-        int send_warps, int ring_vecs, unsigned* done, int* err) {                                          \
+        int skip_entry, int send_warps, int ring_vecs, unsigned* done, int* err) {                          \
         follow_prior_grids();                                                                               \
         combine<T>(peers, dm, y, weights, row_weights, unit_weights, recv_base, row_src, row_slots,         \
                    exp_rows, side, side_mode, offsets, rows_given, back, back_side, pos, num_tokens, out,   \
-                   out_side, send_warps, ring_vecs, done, err);                                             \
+                   out_side, skip_entry, send_warps, ring_vecs, done, err);                                 \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(1024) ep_combine_reduce_##SUFFIX(                          \
         EpDims dm, const T* back, const float* back_side, const int* pos, int num_tokens, T* out,           \

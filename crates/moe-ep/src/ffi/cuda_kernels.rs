@@ -659,7 +659,9 @@ impl Kernels {
     }
 
     /// The combine-direction call in one kernel: send back, and reduce each chunk of tokens as
-    /// it completes (`send_warps` of each block's 32 warps send).
+    /// it completes (`send_warps` of each block's 32 warps send). `skip_entry`: the call does not
+    /// wait for every rank to enter it (see `ep_combine`: only right after a token-major
+    /// dispatch-direction call).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn combine(
         &self,
@@ -670,6 +672,7 @@ impl Kernels {
         dm: EpDims,
         send: &CombineSend,
         reduce: &CombineReduce,
+        skip_entry: bool,
         send_warps: i32,
         done: u64,
         err: u64,
@@ -696,6 +699,7 @@ impl Kernels {
             Arg::Int(send.rows_given),
         ];
         let rest = [
+            Arg::Int(skip_entry as i32),
             Arg::Int(send_warps),
             Arg::Int(ring_vecs as i32),
             Arg::Ptr(done),

@@ -251,6 +251,14 @@ fn choose_slot(
     }
 }
 
+/// Whether a combine-direction call may skip waiting for every rank to enter it: only right after
+/// a call every rank entered that touched neither the back buffers nor the arrival counters
+/// (`after_token_major_send`), and only where no replay can run between the two unseen: both
+/// inside one recording, or live calls while no graph was ever recorded.
+fn may_skip_entry(after_token_major_send: bool, capturing: bool, recorded_graph: bool) -> bool {
+    after_token_major_send && (capturing || !recorded_graph)
+}
+
 /// SMs the data kernels use unless `EpConfig::num_sms` says otherwise.
 const DEFAULT_NUM_SMS: u32 = 24;
 
@@ -312,6 +320,14 @@ pub(crate) struct CudaBackend {
     graph_slots: Vec<bool>,
     /// Whether calls are being recorded into a graph.
     capturing: bool,
+    /// Whether the last call was a barrier or a token-major dispatch-direction call (a dispatch,
+    /// its replay, a token-major combine_backward). Every rank passed that call's entry, so every
+    /// rank finished the calls before it, and it touched neither the back buffers nor the arrival
+    /// counters: a combine-direction call right after it needs no entry of its own (`ep_combine`).
+    after_token_major_send: bool,
+    /// Whether a graph was recorded: its replays run between live calls unseen here, so from
+    /// then on a live call never counts on the one before it.
+    recorded_graph: bool,
     /// Host rounds (`all_gather_host`) made so far.
     host_rounds: u64,
     /// The host word `hold_stream`'s gates open (made at the first hold), and the holds so far.
@@ -411,6 +427,8 @@ impl CudaBackend {
             slot_leases: (0..STAGE_SLOTS).map(|_| Arc::new(())).collect(),
             graph_slots: vec![false; STAGE_SLOTS],
             capturing: false,
+            after_token_major_send: false,
+            recorded_graph: false,
             hold_gate: None,
             holds: 0,
             host_rounds: 0,
@@ -753,7 +771,7 @@ impl CudaBackend {
     /// per-row tensors handed back.
     #[allow(clippy::too_many_arguments)]
     fn reduce_back(
-        &self,
+        &mut self,
         h: &CudaHandle,
         num_tokens: usize,
         y: u64,
@@ -792,6 +810,7 @@ impl CudaBackend {
             out.device_ptr(),
             out_side.as_ref().and_then(Tensor::device_ptr),
         );
+        let skip_entry = self.take_skip_entry();
         let r = self.kernels.combine(
             self.stream(),
             elem(self.config.combine_dtype),
@@ -800,12 +819,26 @@ impl CudaBackend {
             self.dims(row_bytes, true),
             &send,
             &reduce,
+            skip_entry,
             combine_send_warps(),
             self.done.ptr(),
             self.err.ptr(),
         );
         self.check(r)?;
         Ok((out, out_side))
+    }
+
+    /// Whether the combine-direction call about to launch may skip its entry (see
+    /// `after_token_major_send`); a call inside a recording counts only on calls recorded with it.
+    /// Clears the mark: this call is not a token-major dispatch-direction call.
+    fn take_skip_entry(&mut self) -> bool {
+        let skip = may_skip_entry(
+            self.after_token_major_send,
+            self.capturing,
+            self.recorded_graph,
+        );
+        self.after_token_major_send = false;
+        skip
     }
 
     /// What the reduce of a combine-direction call reads (the rows sent back here) and writes.
@@ -977,11 +1010,16 @@ impl Backend for CudaBackend {
     }
 
     fn barrier(&mut self) -> Result<()> {
+        self.after_token_major_send = false;
         let dm = self.dims(0, true);
         let r = self
             .kernels
             .barrier(self.stream(), &self.peers, dm, self.err.ptr());
-        self.check(r)
+        self.check(r)?;
+        // Every rank passed it, and it touches no buffer: as good as a token-major send for the
+        // combine after it.
+        self.after_token_major_send = true;
+        Ok(())
     }
 
     fn hold_stream(&mut self) -> Result<Option<StreamGate>> {
@@ -1019,11 +1057,15 @@ impl Backend for CudaBackend {
             .begin_capture()
             .map_err(|e| device_error(mem::describe("cuStreamBeginCapture", e)))?;
         self.capturing = true;
+        // The recording's first call follows whatever ran before each replay.
+        self.after_token_major_send = false;
         Ok(())
     }
 
     fn end_capture(&mut self) -> Result<crate::graph::Graph> {
         self.capturing = false;
+        self.after_token_major_send = false;
+        self.recorded_graph = true;
         let graph = self
             .stream
             .end_capture()
@@ -1039,6 +1081,7 @@ impl Backend for CudaBackend {
     }
 
     fn dispatch(&mut self, args: DispatchArgs<'_>) -> Result<Dispatched> {
+        self.after_token_major_send = false;
         let c = self.config.clone();
         let (world, kk, hidden) = (self.world, c.topk, c.hidden);
         let num_tokens = args.x.dims()[0];
@@ -1253,6 +1296,7 @@ impl Backend for CudaBackend {
             num_rows = rows;
             out_rows = rows;
         }
+        self.after_token_major_send = expert_major.is_none();
         Ok(Dispatched {
             output,
             num_rows,
@@ -1267,6 +1311,7 @@ impl Backend for CudaBackend {
         x: TensorRef<'_>,
         scales: Option<TensorRef<'_>>,
     ) -> Result<CachedDispatchOutput> {
+        self.after_token_major_send = false;
         let h = cuda_state(handle);
         let dtype = self.config.dtype;
         let row_bytes = self.config.hidden * dtype.size();
@@ -1293,6 +1338,7 @@ impl Backend for CudaBackend {
             (x, scales)
         };
         self.finish_exact()?;
+        self.after_token_major_send = token_major;
         Ok(CachedDispatchOutput { x, scales })
     }
 
@@ -1358,6 +1404,7 @@ impl Backend for CudaBackend {
         grad_out: TensorRef<'_>,
         y: Option<TensorRef<'_>>,
     ) -> Result<CombineBackwardOutput> {
+        self.after_token_major_send = false;
         let h = cuda_state(handle);
         let cd = self.config.combine_dtype;
         let row_bytes = self.config.hidden * cd.size();
@@ -1376,6 +1423,7 @@ impl Backend for CudaBackend {
                 &slot,
             )?;
             self.finish_exact()?;
+            self.after_token_major_send = true;
             return Ok(CombineBackwardOutput {
                 grad_y,
                 grad_weights: None,
@@ -1422,7 +1470,29 @@ impl Backend for CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::choose_slot;
+    use super::{choose_slot, may_skip_entry};
+
+    #[test]
+    fn a_combine_skips_its_entry_only_after_a_token_major_send_no_replay_can_follow() {
+        // (after a token-major send, capturing, a graph recorded before) -> may skip
+        let cases = [
+            ((true, false, false), true),
+            ((true, true, false), true),
+            ((true, true, true), true),
+            ((true, false, true), false),
+            ((false, false, false), false),
+            ((false, true, false), false),
+            ((false, true, true), false),
+            ((false, false, true), false),
+        ];
+        for ((after, capturing, recorded), want) in cases {
+            assert_eq!(
+                may_skip_entry(after, capturing, recorded),
+                want,
+                "after_token_major_send {after}, capturing {capturing}, recorded_graph {recorded}"
+            );
+        }
+    }
 
     #[test]
     fn a_slot_is_leased_only_while_another_stays_free() {
