@@ -7,12 +7,16 @@
 //         a bulk load into a stage, then a bulk store from it to the peer, `stages` per warp.
 // Build and run on a GPU machine (nvcc is there):
 //   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a scripts/store-ceiling.cu -o /tmp/sc && /tmp/sc
-// Prints one line per (path, blocks, warps): the median over 20 runs of the slowest GPU's time.
+//   /tmp/sc 128   # tokens per rank (default 4096): the bytes of that T's dispatch
+// Prints one line per (path, blocks, warps): the median over 20 runs of the slowest GPU's time,
+// start to stop event around the one kernel. The `none` row launches the same kernel with no
+// items: what a call of this kind costs before any byte moves.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <vector>
 
 #define CHECK(x)                                                                              \
@@ -116,7 +120,7 @@ __global__ void __launch_bounds__(1024) tma_path(Peers p, int n, int rank, const
     asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 
-int main() {
+int main(int argc, char** argv) {
     int n = 0;
     CHECK(cudaGetDeviceCount(&n));
     n = std::min(n, kMaxGpus);
@@ -125,7 +129,7 @@ int main() {
         return 0;
     }
     const int64_t row = 7168 * 2;                      // H 7168 bf16
-    const int64_t tokens = 4096;                       // T per rank
+    const int64_t tokens = argc > 1 ? std::atoll(argv[1]) : 4096;  // T per rank
     const int64_t rows_per_peer = tokens;              // every token to every peer at most
     const int64_t items = tokens * 9 / 10 * (n - 1);   // about the T = 4096 dispatch at world 4 (P = 0.9)
     std::vector<uint8_t*> src(n);
@@ -152,9 +156,11 @@ int main() {
     struct Case {
         bool tma;
         int blocks, warps, chunk, stages;
+        bool empty;
     };
     std::vector<Case> cases;
-    for (int blocks : {24, 48, 96}) {
+    cases.push_back({false, 24, 32, 0, 0, true});
+    for (int blocks : {24, 48, 96, 132}) {
         cases.push_back({false, blocks, 32, 0, 0});
         cases.push_back({true, blocks, 8, 7168, 3});
         cases.push_back({true, blocks, 16, 7168, 2});
@@ -176,7 +182,8 @@ int main() {
                     tma_path<<<c.blocks, c.warps * 32, smem, streams[g]>>>(peers, n, g, src[g], items, rows_per_peer,
                                                                           row, c.chunk, c.stages);
                 else
-                    warp_path<<<c.blocks, c.warps * 32, 0, streams[g]>>>(peers, n, g, src[g], items, rows_per_peer, row);
+                    warp_path<<<c.blocks, c.warps * 32, 0, streams[g]>>>(peers, n, g, src[g], c.empty ? 0 : items,
+                                                                        rows_per_peer, row);
                 CHECK(cudaGetLastError());
                 CHECK(cudaEventRecord(stop[g], streams[g]));
             }
@@ -192,8 +199,8 @@ int main() {
         }
         std::sort(times.begin(), times.end());
         const double us = times[times.size() / 2] * 1e3;
-        std::printf("| %s | %d | %d | %d | %d | %.1f | %.1f |\n", c.tma ? "tma" : "warp", c.blocks, c.warps, c.chunk,
-                    c.stages, us, bytes / us / 1e3);
+        std::printf("| %s | %d | %d | %d | %d | %.1f | %.1f |\n", c.empty ? "none" : c.tma ? "tma" : "warp", c.blocks,
+                    c.warps, c.chunk, c.stages, us, c.empty ? 0.0 : bytes / us / 1e3);
     }
     // A spot check that both paths delivered: GPU 1's region from GPU 0 holds GPU 0's bytes.
     uint8_t probe = 0;
