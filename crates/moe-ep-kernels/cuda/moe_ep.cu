@@ -1598,12 +1598,12 @@ __device__ void reduce_tokens(const EpDims& dm, const T* back, const float* back
 // complete (reduce_tokens), so the reduce overlaps the transfer instead of following it. In each
 // block, warps 0..send_warps-1 send and the others reduce from the start; senders join the reduce
 // once their rows are out (items come from the counter done[1]). Begins its call: waits until
-// every rank entered, so no source still reads the rows this overwrites, unless `skip_entry`: the
+// every rank entered, so no source still reads the rows this overwrites, unless `skip_entry`. The
 // host passes it when the call before this one was a barrier or a token-major dispatch-direction
-// call, whose entry every rank passed, so every rank finished the calls before it, the last to read
-// its back buffers and arrival counters among them (and that call touched neither). Too few rows handed back:
-// this rank sends nothing, so the sources time out naming it rather than reduce rows it never
-// sent. The last block zeroes the item counter and this rank's arrival counters for the next call:
+// call: every rank passed that call's entry, so every rank finished the calls before it (the last
+// to read its back buffers and arrival counters among them), and that call touched neither. Too
+// few rows handed back: this rank sends nothing, so the sources time out naming it rather than
+// reduce rows it never sent. The last block zeroes the item counter and this rank's arrival counters for the next call:
 // every counter is full by then (each chunk was waited for), so no increment of this call is
 // still on its way. After a failure the group is poisoned and they stay as they are. Expert-major,
 // each sending warp gathers its partials through a ring of ring_vecs x 32 vectors in the dynamic

@@ -660,8 +660,8 @@ impl Kernels {
 
     /// The combine-direction call in one kernel: send back, and reduce each chunk of tokens as
     /// it completes (`send_warps` of each block's 32 warps send). `skip_entry`: the call does not
-    /// wait for every rank to enter it (see `ep_combine`: only right after a token-major
-    /// dispatch-direction call).
+    /// wait for every rank to enter it (see `ep_combine`: only right after a barrier or a
+    /// token-major dispatch-direction call).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn combine(
         &self,
