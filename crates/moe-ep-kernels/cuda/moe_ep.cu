@@ -1603,11 +1603,12 @@ __device__ void reduce_tokens(const EpDims& dm, const T* back, const float* back
 // call: every rank passed that call's entry, so every rank finished the calls before it (the last
 // to read its back buffers and arrival counters among them), and that call touched neither. Too
 // few rows handed back: this rank sends nothing, so the sources time out naming it rather than
-// reduce rows it never sent. The last block zeroes the item counter and this rank's arrival counters for the next call:
-// every counter is full by then (each chunk was waited for), so no increment of this call is
-// still on its way. After a failure the group is poisoned and they stay as they are. Expert-major,
-// each sending warp gathers its partials through a ring of ring_vecs x 32 vectors in the dynamic
-// shared memory (send_warps x ring_vecs x 512 bytes per block; ring_vecs 0 without one).
+// reduce rows it never sent. The last block zeroes the item counter and this rank's arrival
+// counters for the next call: every counter is full by then (each chunk was waited for), so no
+// increment of this call is still on its way. After a failure the group is poisoned and they stay
+// as they are. Expert-major, each sending warp gathers its partials through a ring of ring_vecs x
+// 32 vectors in the dynamic shared memory (send_warps x ring_vecs x 512 bytes per block; ring_vecs
+// 0 without one).
 template <typename T>
 __device__ void combine(const EpPeers& peers, const EpDims& dm, const T* y, const float* weights,
                         const float* row_weights, int unit_weights, const int* recv_base, const int* row_src,
