@@ -131,7 +131,7 @@ int main(int argc, char** argv) {
     const int64_t row = 7168 * 2;                      // H 7168 bf16
     const int64_t tokens = argc > 1 ? std::atoll(argv[1]) : 4096;  // T per rank
     const int64_t rows_per_peer = tokens;              // every token to every peer at most
-    const int64_t items = tokens * 9 / 10 * (n - 1);   // about the T = 4096 dispatch at world 4 (P = 0.9)
+    const int64_t items = tokens * 9 / 10 * (n - 1);   // about that T's dispatch at world 4 (P = 0.9)
     std::vector<uint8_t*> src(n);
     Peers peers{};
     std::vector<cudaStream_t> streams(n);
