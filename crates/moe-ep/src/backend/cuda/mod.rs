@@ -682,7 +682,7 @@ impl CudaBackend {
     /// arrived, lays them out in the recorded rows: `[out_rows, H]` of `dtype`, and the scales
     /// when `with_scales` (the dispatcher has scale columns and the payload carried them).
     fn replay_token_major(
-        &self,
+        &mut self,
         (first, row_bytes): (EpDims, usize),
         h: &CudaHandle,
         (x, scales): (u64, Option<u64>),
@@ -700,9 +700,10 @@ impl CudaBackend {
 
     /// The token-major layout kernel: once every rank's rows arrived, copies them from the
     /// receive slot `slot` into `payload` (rows, scales, and whether those are the slot's own
-    /// rows: then nothing is copied) and, for a dispatch, writes `meta`, every row of it.
+    /// rows: then nothing is copied) and, for a dispatch, writes `meta`, every row of it. The last
+    /// kernel of every token-major dispatch-direction call, so it sets `after_token_major_send`.
     fn lay_out_token_major(
-        &self,
+        &mut self,
         dm: EpDims,
         h: &CudaHandle,
         slot: &RecvSlot,
@@ -736,7 +737,9 @@ impl CudaBackend {
             m.row_slots,
             self.err.ptr(),
         );
-        self.check(r)
+        self.check(r)?;
+        self.after_token_major_send = true;
+        Ok(())
     }
 
     /// The expert-major layout the send kernel's receiving warps write into `x` (and `scales`)
@@ -1296,7 +1299,6 @@ impl Backend for CudaBackend {
             num_rows = rows;
             out_rows = rows;
         }
-        self.after_token_major_send = expert_major.is_none();
         Ok(Dispatched {
             output,
             num_rows,
@@ -1338,7 +1340,6 @@ impl Backend for CudaBackend {
             (x, scales)
         };
         self.finish_exact()?;
-        self.after_token_major_send = token_major;
         Ok(CachedDispatchOutput { x, scales })
     }
 
@@ -1423,7 +1424,6 @@ impl Backend for CudaBackend {
                 &slot,
             )?;
             self.finish_exact()?;
-            self.after_token_major_send = true;
             return Ok(CombineBackwardOutput {
                 grad_y,
                 grad_weights: None,
