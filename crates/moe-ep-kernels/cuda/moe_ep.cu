@@ -146,8 +146,10 @@ __device__ void trace_dump(int rank) {
 #define EP_TRACE_POINT(point) trace_point(point, false)
 #define EP_TRACE_BLOCK(point) trace_point(point, true)  // once every warp of the block got there
 #define EP_TRACE_WARP(point) trace_point(point, false, true)  // by every warp that gets there
-#define EP_TRACE_DUMP(rank) \
-    if (threadIdx.x == 0) trace_dump(rank)
+#define EP_TRACE_DUMP(rank)                 \
+    do {                                    \
+        if (threadIdx.x == 0) trace_dump(rank); \
+    } while (0)
 #else
 #define EP_TRACE_POINT(point)
 #define EP_TRACE_BLOCK(point)
