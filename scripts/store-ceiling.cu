@@ -8,15 +8,24 @@
 // Build and run on a GPU machine (nvcc is there):
 //   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a scripts/store-ceiling.cu -o /tmp/sc && /tmp/sc
 //   /tmp/sc 128   # tokens per rank (default 4096): the bytes of that T's dispatch
+//   /tmp/sc 4096 layouts   # the dispatch's copies inside each GPU too, by layout (below)
 // Prints one line per (path, blocks, warps): the median over 20 runs of the slowest GPU's time,
 // start to stop event around the one kernel. The `none` row launches the same kernel with no
 // items: what a call of this kind costs before any byte moves.
+// `layouts` answers what the expert-major layout must cost at least: with the DeepSeek shape's
+// rows at world n (top-8 of 256), warp-path rows of `token-major` (the remote rows and this rank's
+// own rows copied locally), `expert-major` (those, plus a local copy for each second or later
+// slot of a token here: T * K rows in all), `expansion` (those copies alone) and `expert-major
+// reads` (token-major's rows plus a read of each such slot row: the expert-major combine gathers
+// them), local work spread evenly among the remote rows. No kernel waits for rows: a floor.
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #define CHECK(x)                                                                              \
@@ -44,22 +53,85 @@ __device__ __forceinline__ uint8_t* item_dst(const Peers& p, int n, int rank, in
     return p.recv[d] + (static_cast<int64_t>(rank) * rows_per_peer + r) * row;
 }
 
-__global__ void __launch_bounds__(1024) warp_path(Peers p, int n, int rank, const uint8_t* src, int64_t items,
-                                                  int64_t rows_per_peer, int64_t row) {
-    const int lane = threadIdx.x & 31;
-    for (int64_t i = warp_global(); i < items; i += warps_total()) {
-        const int4* s = reinterpret_cast<const int4*>(src + (i / (n - 1)) * row);
-        int4* d = reinterpret_cast<int4*>(item_dst(p, n, rank, i, rows_per_peer, row));
-        const int64_t vecs = row / 16;
-        for (int64_t v = lane; v < vecs; v += 32 * 4) {
-            int4 t[4];
+// One warp copies a row, 16 bytes a lane, 4 loads in flight per lane before their stores.
+__device__ __forceinline__ void warp_copy_row(int4* d, const int4* s, int64_t row, int lane) {
+    const int64_t vecs = row / 16;
+    for (int64_t v = lane; v < vecs; v += 32 * 4) {
+        int4 t[4];
 #pragma unroll
-            for (int u = 0; u < 4; ++u)
-                if (v + 32 * u < vecs) t[u] = __ldg(s + v + 32 * u);
+        for (int u = 0; u < 4; ++u)
+            if (v + 32 * u < vecs) t[u] = __ldg(s + v + 32 * u);
 #pragma unroll
-            for (int u = 0; u < 4; ++u)
-                if (v + 32 * u < vecs) d[v + 32 * u] = t[u];
+        for (int u = 0; u < 4; ++u)
+            if (v + 32 * u < vecs) d[v + 32 * u] = t[u];
+    }
+}
+
+// One warp reads a row and keeps nothing (the expert-major combine's further slot rows, which
+// it folds into a row that goes out anyway); the fold is stored only on a value these buffers
+// never hold, so the loads stay.
+__device__ __forceinline__ void warp_read_row(const int4* s, int64_t row, int lane, int* sink) {
+    const int64_t vecs = row / 16;
+    int fold = 0;
+    for (int64_t v = lane; v < vecs; v += 32 * 4) {
+        int4 t[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) t[u] = v + 32 * u < vecs ? __ldg(s + v + 32 * u) : int4{};
+#pragma unroll
+        for (int u = 0; u < 4; ++u) fold += t[u].x ^ t[u].y ^ t[u].z ^ t[u].w;
+    }
+    if (fold == 0x2b1d0e57) *sink = fold;
+}
+
+// The copies a layout makes inside one GPU, beside the remote rows: `own` rows of this rank's
+// tokens into its own receive region (both layouts), then `expand` copies of received rows to
+// scattered rows of an expert-major output (a token's second and later slots on this rank), or
+// with `reads_only` only reads of those output rows (the combine gathers them).
+struct LocalCopies {
+    const uint8_t* own_src;
+    uint8_t* own_dst;
+    int64_t own;
+    const uint8_t* received;
+    int64_t received_rows;
+    uint8_t* expanded;
+    int64_t expanded_rows;
+    int64_t expand;
+    bool reads_only;
+};
+
+__device__ __forceinline__ void local_copy(const LocalCopies& l, int64_t j, int64_t row, int lane) {
+    const uint8_t* s;
+    uint8_t* d;
+    if (j < l.own) {
+        s = l.own_src + j * row;
+        d = l.own_dst + j * row;
+    } else {
+        const int64_t e = j - l.own;
+        s = l.received + (e * 2654435761ll % l.received_rows) * row;
+        d = l.expanded + (e * 7919 % l.expanded_rows) * row;
+        if (l.reads_only) {  // the combine reads each slot's row of the expert outputs once
+            warp_read_row(reinterpret_cast<const int4*>(d), row, lane, reinterpret_cast<int*>(l.own_dst));
+            return;
         }
+    }
+    warp_copy_row(reinterpret_cast<int4*>(d), reinterpret_cast<const int4*>(s), row, lane);
+}
+
+// `items` remote rows and l.own + l.expand local copies, the local ones spread evenly among the
+// remote ones (item i is local where the running share of local items steps up).
+__global__ void __launch_bounds__(1024) warp_path(Peers p, int n, int rank, const uint8_t* src, int64_t items,
+                                                  int64_t rows_per_peer, int64_t row, LocalCopies l) {
+    const int lane = threadIdx.x & 31;
+    const int64_t local = l.own + l.expand, total = items + local;
+    for (int64_t i = warp_global(); i < total; i += warps_total()) {
+        const int64_t local_before = i * local / total;
+        if ((i + 1) * local / total > local_before) {
+            local_copy(l, local_before, row, lane);
+            continue;
+        }
+        const int64_t r = i - local_before;
+        warp_copy_row(reinterpret_cast<int4*>(item_dst(p, n, rank, r, rows_per_peer, row)),
+                      reinterpret_cast<const int4*>(src + (r / (n - 1)) * row), row, lane);
     }
 }
 
@@ -120,6 +192,14 @@ __global__ void __launch_bounds__(1024) tma_path(Peers p, int n, int rank, const
     asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 
+// The share of tokens that go to a given rank: 1 - C(E - E/world, K) / C(E, K) (bytes and floors,
+// docs/perf-notes.md), for K distinct experts of E placed contiguously.
+double share_to_rank(int experts, int k, int world) {
+    double none = 1.0;
+    for (int i = 0; i < k; ++i) none *= static_cast<double>(experts - experts / world - i) / (experts - i);
+    return 1.0 - none;
+}
+
 int main(int argc, char** argv) {
     int n = 0;
     CHECK(cudaGetDeviceCount(&n));
@@ -131,8 +211,16 @@ int main(int argc, char** argv) {
     const int64_t row = 7168 * 2;                      // H 7168 bf16
     const int64_t tokens = argc > 1 ? std::atoll(argv[1]) : 4096;  // T per rank
     const int64_t rows_per_peer = tokens;              // every token to every peer at most
-    const int64_t items = tokens * 9 / 10 * (n - 1);   // about that T's dispatch at world 4 (P = 0.9)
-    std::vector<uint8_t*> src(n);
+    // `layouts`: the dispatch's copies inside each GPU too, token-major and expert-major, for the
+    // DeepSeek shape (top-8 of 256 experts) at world n; otherwise the remote rows alone, P = 0.9.
+    const bool layouts = argc > 2 && std::string(argv[2]) == "layouts";
+    const double p_goes = layouts ? share_to_rank(256, 8, n) : 0.9;  // a token goes to a given rank
+    const int64_t items = layouts ? std::llround(tokens * p_goes * (n - 1)) : tokens * 9 / 10 * (n - 1);
+    const int64_t own = std::llround(tokens * p_goes);
+    // The expert-major output has one row per (source, token, slot) here, T * K on average; the
+    // rows from peers and the own rows land in the first slot of each, the rest are copies.
+    const int64_t expanded_rows = tokens * 8, expand = expanded_rows - std::llround(tokens * p_goes * n);
+    std::vector<uint8_t*> src(n), expanded(n, nullptr);
     Peers peers{};
     std::vector<cudaStream_t> streams(n);
     std::vector<cudaEvent_t> start(n), stop(n);
@@ -143,6 +231,7 @@ int main(int argc, char** argv) {
         CHECK(cudaMalloc(&src[g], tokens * row));
         CHECK(cudaMemset(src[g], g + 1, tokens * row));
         CHECK(cudaMalloc(&peers.recv[g], static_cast<int64_t>(n) * rows_per_peer * row));
+        if (layouts) CHECK(cudaMalloc(&expanded[g], expanded_rows * row));
         CHECK(cudaStreamCreateWithFlags(&streams[g], cudaStreamNonBlocking));
         CHECK(cudaEventCreate(&start[g]));
         CHECK(cudaEventCreate(&stop[g]));
@@ -151,21 +240,35 @@ int main(int argc, char** argv) {
     const double bytes = static_cast<double>(items) * row;
     std::printf("store-ceiling: %d GPUs, %.1f MB egress per GPU, rows of %lld bytes\n", n, bytes / 1e6,
                 static_cast<long long>(row));
+    if (layouts)
+        std::printf("layouts: %lld remote rows, %lld own rows, %lld expansion copies per GPU (%.1f MB)\n",
+                    static_cast<long long>(items), static_cast<long long>(own), static_cast<long long>(expand),
+                    expand * row / 1e6);
     std::printf("| path | blocks | warps/block | chunk | stages | us (median, slowest GPU) | GB/s per GPU |\n");
     std::printf("|---|---|---|---|---|---|---|\n");
+    // What a warp-path case moves: the remote rows alone, a token-major dispatch's (remote and own
+    // rows), an expert-major one's (and the expansion), or the expansion alone.
+    enum Work { kRemote, kTokenMajor, kExpertMajor, kExpansion, kExpertMajorReads };
+    const char* work_names[] = {"warp", "token-major", "expert-major", "expansion", "expert-major reads"};
     struct Case {
         bool tma;
         int blocks, warps, chunk, stages;
         bool empty;
+        Work work;
     };
     std::vector<Case> cases;
-    cases.push_back({false, 24, 32, 0, 0, true});
+    cases.push_back({false, 24, 32, 0, 0, true, kRemote});
     for (int blocks : {24, 48, 96, 132}) {
-        cases.push_back({false, blocks, 32, 0, 0});
-        cases.push_back({true, blocks, 8, 7168, 3});
-        cases.push_back({true, blocks, 16, 7168, 2});
-        cases.push_back({true, blocks, 16, 3584, 3});
-        cases.push_back({true, blocks, 32, 3584, 2});
+        if (layouts) {
+            for (Work w : {kTokenMajor, kExpertMajor, kExpansion, kExpertMajorReads})
+                cases.push_back({false, blocks, 32, 0, 0, false, w});
+            continue;
+        }
+        cases.push_back({false, blocks, 32, 0, 0, false, kRemote});
+        cases.push_back({true, blocks, 8, 7168, 3, false, kRemote});
+        cases.push_back({true, blocks, 16, 7168, 2, false, kRemote});
+        cases.push_back({true, blocks, 16, 3584, 3, false, kRemote});
+        cases.push_back({true, blocks, 32, 3584, 2, false, kRemote});
     }
     for (const Case& c : cases) {
         const size_t smem = c.tma ? static_cast<size_t>(c.warps) * c.stages * (c.chunk + 8) : 0;
@@ -181,9 +284,15 @@ int main(int argc, char** argv) {
                 if (c.tma)
                     tma_path<<<c.blocks, c.warps * 32, smem, streams[g]>>>(peers, n, g, src[g], items, rows_per_peer,
                                                                           row, c.chunk, c.stages);
-                else
-                    warp_path<<<c.blocks, c.warps * 32, 0, streams[g]>>>(peers, n, g, src[g], c.empty ? 0 : items,
-                                                                        rows_per_peer, row);
+                else {
+                    LocalCopies l{src[g], peers.recv[g] + g * rows_per_peer * row, 0, peers.recv[g], n * rows_per_peer,
+                                  expanded[g], expanded_rows, 0, c.work == kExpertMajorReads};
+                    if (c.work != kRemote && c.work != kExpansion) l.own = own;
+                    if (c.work == kExpertMajor || c.work == kExpansion || c.work == kExpertMajorReads) l.expand = expand;
+                    const int64_t remote = c.empty || c.work == kExpansion ? 0 : items;
+                    warp_path<<<c.blocks, c.warps * 32, 0, streams[g]>>>(peers, n, g, src[g], remote, rows_per_peer,
+                                                                        row, l);
+                }
                 CHECK(cudaGetLastError());
                 CHECK(cudaEventRecord(stop[g], streams[g]));
             }
@@ -199,8 +308,9 @@ int main(int argc, char** argv) {
         }
         std::sort(times.begin(), times.end());
         const double us = times[times.size() / 2] * 1e3;
-        std::printf("| %s | %d | %d | %d | %d | %.1f | %.1f |\n", c.empty ? "none" : c.tma ? "tma" : "warp", c.blocks,
-                    c.warps, c.chunk, c.stages, us, c.empty ? 0.0 : bytes / us / 1e3);
+        const bool remote = !c.empty && c.work != kExpansion;
+        std::printf("| %s | %d | %d | %d | %d | %.1f | %.1f |\n", c.empty ? "none" : c.tma ? "tma" : work_names[c.work],
+                    c.blocks, c.warps, c.chunk, c.stages, us, remote ? bytes / us / 1e3 : 0.0);
     }
     // A spot check that both paths delivered: GPU 1's region from GPU 0 holds GPU 0's bytes.
     uint8_t probe = 0;

@@ -1342,37 +1342,39 @@ struct WarpTable {
     float weight[32];
 };
 
-// The expert-major partial of one staged row into `dst`: for each 16-byte vector of the row, the
-// sum in ascending slot order of w(row) * y[row] over the rows in `slots` (bit k: slot k, row
-// er[k]; 1 <= popcount n <= ring_vecs), fmaf from +0.0, rounded once. Each lane gathers its
-// vectors' inputs into its column of the warp's shared-memory ring (`ring`: ring_vecs x 32
-// vectors) with cp.async, so loads are in flight without holding registers, then adds them in
-// order. When the ring holds two batches (2n <= ring_vecs), the next batch's loads fly while this
-// one is added and stored. The slots' rows and weights go to `table` first.
-template <typename T, typename WeightOf>
-__device__ __forceinline__ void gather_partial(T* dst, const T* y, const int* er, unsigned slots, int H, bool unit,
-                                               WeightOf weight_of, int4* ring, int ring_vecs, WarpTable* table,
-                                               int lane) {
+// Gathers the partial of gather_partial (below) for the n slots in `table` (rows and weights,
+// each weight 1 for plain adds: fmaf(1, v, acc) rounds v + acc once, as the add does). With N > 0
+// (n == N) each lane holds the slots' row pointers and weights in registers and the slot loops
+// unroll, so the inner loop is the loads, the conversions and the fmaf; N == 0 reads them from
+// `table` for any n. gather_partial instantiates N up to 4: more spill, and instances for 5 to 8
+// made the world-2 T = 4096 combine slower (docs/perf-notes.md, v13).
+template <typename T, int N>
+__device__ __forceinline__ void gather_slots(T* dst, const T* y, int n, int H, const WarpTable* table, int4* ring,
+                                             int ring_vecs, int lane) {
     using V = Vec16<T>;
+    if constexpr (N > 0) n = N;
     const int units = H / V::kLen;
-    const int n = __popc(slots);
     const int batches = 2 * n <= ring_vecs ? 2 : 1;
     const int kv = ring_vecs / (batches * n);  // vectors per lane in a batch
-    __syncwarp();  // the previous row's reads of the table are done
-    if ((slots >> lane) & 1u) {
-        const int q = __popc(slots & ((1u << lane) - 1u));
-        table->row[q] = er[lane];
-        table->weight[q] = unit ? 1.f : weight_of(lane);
+    constexpr int kHeld = N > 0 ? N : 1;
+    const int4* held_row[kHeld];
+    float held_weight[kHeld];
+#pragma unroll
+    for (int q = 0; q < N; ++q) {
+        held_row[q] = reinterpret_cast<const int4*>(y + static_cast<int64_t>(table->row[q]) * H) + lane;
+        held_weight[q] = table->weight[q];
     }
-    __syncwarp();
-    // Batch b's vector u of slot q sits at ring[((b * kv + u) * n + q) * 32 + lane].
+    const auto row_of = [&](int q) {
+        if constexpr (N > 0) return held_row[q];
+        return reinterpret_cast<const int4*>(y + static_cast<int64_t>(table->row[q]) * H) + lane;
+    };
+    // Batch b's vector u of slot q sits at column[((b * kv + u) * n + q) * 32].
+    int4* column = ring + lane;
     const auto issue = [&](int base, int b) {
-        for (int q = 0; q < n; ++q) {
-            const int4* src = reinterpret_cast<const int4*>(y + static_cast<int64_t>(table->row[q]) * H);
-            for (int u = 0; u < kv; ++u) {
-                const int v = base + lane + 32 * u;
-                if (v < units) cp_async16(ring + ((b * kv + u) * n + q) * 32 + lane, src + v);
-            }
+        int4* at = column + b * kv * n * 32;
+        for (int u = 0; u < kv && base + 32 * u + lane < units; ++u, at += n * 32) {
+#pragma unroll
+            for (int q = 0; q < (N > 0 ? N : n); ++q) cp_async16(at + q * 32, row_of(q) + base + 32 * u);
         }
         cp_async_commit();
     };
@@ -1387,19 +1389,24 @@ __device__ __forceinline__ void gather_partial(T* dst, const T* y, const int* er
         } else {
             cp_async_wait<0>();
         }
-        for (int u = 0; u < kv; ++u) {
+        const int4* at = column + b * kv * n * 32;
+        for (int u = 0; u < kv; ++u, at += n * 32) {
             const int v = base + lane + 32 * u;
             if (v >= units) break;
             float acc[V::kLen];
 #pragma unroll
             for (int i = 0; i < V::kLen; ++i) acc[i] = 0.f;
-            for (int q = 0; q < n; ++q) {
+            const auto add = [&](int q, float w) {
                 V in;
-                *reinterpret_cast<int4*>(in.e) = ring[((b * kv + u) * n + q) * 32 + lane];
-                const float w = table->weight[q];
+                *reinterpret_cast<int4*>(in.e) = at[q * 32];
 #pragma unroll
-                for (int i = 0; i < V::kLen; ++i)
-                    acc[i] = unit ? acc[i] + widen(in.e[i]) : fmaf(w, widen(in.e[i]), acc[i]);
+                for (int i = 0; i < V::kLen; ++i) acc[i] = fmaf(w, widen(in.e[i]), acc[i]);
+            };
+            if constexpr (N > 0) {
+#pragma unroll
+                for (int q = 0; q < N; ++q) add(q, held_weight[q]);
+            } else {
+                for (int q = 0; q < n; ++q) add(q, table->weight[q]);
             }
             V out;
 #pragma unroll
@@ -1414,6 +1421,34 @@ __device__ __forceinline__ void gather_partial(T* dst, const T* y, const int* er
         }
     }
     cp_async_wait<0>();
+}
+
+// The expert-major partial of one staged row into `dst`: for each 16-byte vector of the row, the
+// sum in ascending slot order of w(row) * y[row] over the rows in `slots` (bit k: slot k, row
+// er[k]; 1 <= popcount n <= ring_vecs), fmaf from +0.0, rounded once. Each lane gathers its
+// vectors' inputs into its column of the warp's shared-memory ring (`ring`: ring_vecs x 32
+// vectors) with cp.async, so loads are in flight without holding registers, then adds them in
+// order. When the ring holds two batches (2n <= ring_vecs), the next batch's loads fly while this
+// one is added and stored. The slots' rows and weights go to `table` first.
+template <typename T, typename WeightOf>
+__device__ __forceinline__ void gather_partial(T* dst, const T* y, const int* er, unsigned slots, int H, bool unit,
+                                               WeightOf weight_of, int4* ring, int ring_vecs, WarpTable* table,
+                                               int lane) {
+    const int n = __popc(slots);
+    __syncwarp();  // the previous row's reads of the table are done
+    if ((slots >> lane) & 1u) {
+        const int q = __popc(slots & ((1u << lane) - 1u));
+        table->row[q] = er[lane];
+        table->weight[q] = unit ? 1.f : weight_of(lane);
+    }
+    __syncwarp();
+    switch (n) {
+        case 1: gather_slots<T, 1>(dst, y, n, H, table, ring, ring_vecs, lane); break;
+        case 2: gather_slots<T, 2>(dst, y, n, H, table, ring, ring_vecs, lane); break;
+        case 3: gather_slots<T, 3>(dst, y, n, H, table, ring, ring_vecs, lane); break;
+        case 4: gather_slots<T, 4>(dst, y, n, H, table, ring, ring_vecs, lane); break;
+        default: gather_slots<T, 0>(dst, y, n, H, table, ring, ring_vecs, lane); break;
+    }
 }
 
 // Each expert rank sends, for every staged row j (source s, token t), one row back to s: token-

@@ -212,8 +212,10 @@ pub(crate) struct Kernels {
 }
 
 /// The most dynamic shared memory the gather rings of `ep_combine_*` take per block: 16 vectors
-/// per lane for 16 sending warps, 10 for the expert-major default of 24 (docs/perf-notes.md, v4).
-const RING_BYTES: u32 = 128 * 1024;
+/// per lane for the expert-major default of 24 sending warps. 128 KiB (10 vectors) left fewer
+/// loads in flight: the world-2 T = 4096 combine took 691 us instead of 623 (docs/perf-notes.md,
+/// v13).
+const RING_BYTES: u32 = 16 * 24 * RING_BYTES_PER_VEC;
 /// Vectors per lane in a gather ring, at most: enough loads in flight for each sent row, which
 /// gathers about 2 rows here.
 const RING_VECS_MAX: u32 = 16;
@@ -234,6 +236,18 @@ fn layout_stage_bytes_max() -> u32 {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
+    })
+}
+
+/// The gather rings' shared memory per block, at most: MOE_EP_COMBINE_RING_BYTES when set (for
+/// measuring), else RING_BYTES.
+fn ring_bytes_max() -> u32 {
+    static BYTES: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *BYTES.get_or_init(|| {
+        std::env::var("MOE_EP_COMBINE_RING_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(RING_BYTES)
     })
 }
 
@@ -349,7 +363,7 @@ impl Kernels {
         let dynamic_limit = u32::try_from(opt_in)
             .unwrap_or(0)
             .saturating_sub(STATIC_SHARED_RESERVE);
-        let ring_bytes = RING_BYTES.min(dynamic_limit);
+        let ring_bytes = ring_bytes_max().min(dynamic_limit);
         let layout_shared_bytes = dynamic_limit;
         let mut typed_fns = f.split_off(PLAIN.len()).into_iter();
         let mut plain = f.into_iter();
