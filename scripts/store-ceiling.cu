@@ -247,7 +247,8 @@ int main(int argc, char** argv) {
     std::printf("| path | blocks | warps/block | chunk | stages | us (median, slowest GPU) | GB/s per GPU |\n");
     std::printf("|---|---|---|---|---|---|---|\n");
     // What a warp-path case moves: the remote rows alone, a token-major dispatch's (remote and own
-    // rows), an expert-major one's (and the expansion), or the expansion alone.
+    // rows), an expert-major one's (and the expansion), the expansion alone, or the token-major
+    // rows plus the expert-major combine's reads of the further slot rows.
     enum Work { kRemote, kTokenMajor, kExpertMajor, kExpansion, kExpertMajorReads };
     const char* work_names[] = {"warp", "token-major", "expert-major", "expansion", "expert-major reads"};
     struct Case {
