@@ -231,24 +231,18 @@ const LAYOUT_HEADER: u32 = 128;
 /// them (docs/perf-notes.md, v5).
 fn layout_stage_bytes_max() -> u32 {
     static BYTES: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *BYTES.get_or_init(|| {
-        std::env::var("MOE_EP_LAYOUT_STAGE_BYTES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    })
+    *BYTES.get_or_init(|| bytes_from_env("MOE_EP_LAYOUT_STAGE_BYTES").unwrap_or(0))
 }
 
 /// The gather rings' shared memory per block, at most: MOE_EP_COMBINE_RING_BYTES when set (for
-/// measuring), else RING_BYTES.
+/// measuring), else RING_BYTES. Read once per [`Kernels::load`].
 fn ring_bytes_max() -> u32 {
-    static BYTES: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *BYTES.get_or_init(|| {
-        std::env::var("MOE_EP_COMBINE_RING_BYTES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(RING_BYTES)
-    })
+    bytes_from_env("MOE_EP_COMBINE_RING_BYTES").unwrap_or(RING_BYTES)
+}
+
+/// A byte count from the environment variable `name`, if set to one.
+fn bytes_from_env(name: &str) -> Option<u32> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
 /// Whether the data kernels start overlapping the kernel ahead of them ([`Start`]): yes, unless
