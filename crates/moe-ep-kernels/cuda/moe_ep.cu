@@ -15,6 +15,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "moe_ep.h"
 
 namespace {
@@ -1255,6 +1257,17 @@ struct Vec16 {
     // still arrive, and L1 is not coherent with those stores.
     __device__ __forceinline__ void load(const int4* p) { *reinterpret_cast<int4*>(e) = __ldcg(p); }
     __device__ __forceinline__ void store(int4* p) const { *p = *reinterpret_cast<const int4*>(e); }
+    // Element i as f32, exactly widen(e[i]). A bf16 is the top half of its f32, so of each 32-bit
+    // word of two the high element takes one mask and the low one a shift, where widen on the
+    // high element would first move it down (two instructions).
+    __device__ __forceinline__ float wide(int i) const {
+        if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+            const uint32_t word = reinterpret_cast<const uint32_t*>(e)[i / 2];
+            return __uint_as_float(i % 2 ? word & 0xffff0000u : word << 16);
+        } else {
+            return widen(e[i]);
+        }
+    }
 };
 
 // Whether rows of H elements of T can move as 16-byte vectors from `p` (and from the library's
@@ -1286,7 +1299,7 @@ __device__ __forceinline__ void sum_sources(float (&acc)[Vec16<T>::kLen], unsign
         for (int u = 0; u < kBatch; ++u) {
             if (idx[u] < 0) continue;
 #pragma unroll
-            for (int i = 0; i < Vec16<T>::kLen; ++i) acc[i] = acc[i] + widen(in[u].e[i]);
+            for (int i = 0; i < Vec16<T>::kLen; ++i) acc[i] = acc[i] + in[u].wide(i);
         }
     }
 }
@@ -1325,7 +1338,7 @@ __device__ __forceinline__ void reduce_vectors(int4* out_row, unsigned sources, 
             for (int q = 0; q < kSources; ++q) {
                 if (src[q] < 0) continue;
 #pragma unroll
-                for (int i = 0; i < V::kLen; ++i) acc[i] = acc[i] + widen(in[u][q].e[i]);
+                for (int i = 0; i < V::kLen; ++i) acc[i] = acc[i] + in[u][q].wide(i);
             }
             V o;
 #pragma unroll
@@ -1400,7 +1413,7 @@ __device__ __forceinline__ void gather_slots(T* dst, const T* y, int n, int H, c
                 V in;
                 *reinterpret_cast<int4*>(in.e) = at[q * 32];
 #pragma unroll
-                for (int i = 0; i < V::kLen; ++i) acc[i] = fmaf(w, widen(in.e[i]), acc[i]);
+                for (int i = 0; i < V::kLen; ++i) acc[i] = fmaf(w, in.wide(i), acc[i]);
             };
             if constexpr (N > 0) {
 #pragma unroll
