@@ -103,7 +103,7 @@ enum EpTracePoint : int {
     kTraceSendEntered,     //   every rank entered (a replay; at once otherwise)
     kTraceSent,            //   each block: its warps' work done
     kTraceSendEnd,         //   last block: data flag raised or counters reset
-    kTraceLayoutStart,     // ep_layout_token_major, after the grids ahead of it
+    kTraceLayoutStart,     // ep_dispatch_send, token-major layout: each block, its rows out
     kTraceLayoutFlags,     //   every rank's data flag seen
     kTraceLayoutEnd,       //   each block done
     kTraceCombineStart,    // ep_combine, after the grids ahead of it
@@ -1092,20 +1092,72 @@ __device__ bool expand_arrivals(const EpDims& dm, const EpExpand& ex, uint8_t* r
     return !failed(err);
 }
 
+// Token-major layout, by every warp of a grid once its own rows are out: waits for every rank's
+// rows, which are staged (in this call's receive slot) in (source, token) order, and copies them
+// out (the payload only when tl.out_x: an output that is the slot itself needs no copy), with
+// their metadata unless tl.payload_only. Also keeps, for the handle, each row's (source, token)
+// and local slot ids, and first marks the output rows past the valid ones (src and topk_idx -1,
+// weights 0; their payload is unspecified). One warp per row.
+__device__ void lay_out_token_rows(const EpDims& dm, const EpTokenLayout& tl, int* err) {
+    EP_TRACE_POINT(kTraceLayoutStart);
+    const int lane = threadIdx.x & 31;
+    const int K = dm.topk;
+    const auto* stage_meta = reinterpret_cast<const int*>(tl.stage_meta);
+    auto* out_topk = reinterpret_cast<int*>(tl.out_topk);
+    auto* out_weights = reinterpret_cast<float*>(tl.out_weights);
+    auto* out_src = reinterpret_cast<int*>(tl.out_src);
+    auto* row_src = reinterpret_cast<int*>(tl.row_src);
+    auto* row_slots = reinterpret_cast<int*>(tl.row_slots);
+    // A call that failed before (a count exchange timed out) derived no recv_base: it marks
+    // nothing and stops at the wait below.
+    const int rows = failed(err) ? tl.out_rows : reinterpret_cast<const int*>(tl.recv_base)[dm.world];
+    if (!tl.payload_only) {
+        // The rows past the valid ones take nothing from the peers: marked while the last rows travel.
+        const int64_t unused = max(int64_t{0}, static_cast<int64_t>(tl.out_rows) - rows);
+        for (int64_t i = thread_id(); i < unused * K; i += thread_count()) {
+            out_topk[static_cast<int64_t>(rows) * K + i] = -1;
+            if (out_weights) out_weights[static_cast<int64_t>(rows) * K + i] = 0.f;
+        }
+        for (int64_t i = thread_id(); i < unused * 2; i += thread_count()) {
+            out_src[2 * static_cast<int64_t>(rows) + i] = -1;
+        }
+    }
+    if (!wait_all(dm, EP_SIG_DATA, err)) return;
+    EP_TRACE_POINT(kTraceLayoutFlags);
+    for (int j = warp_id(); j < rows; j += warp_count()) {
+        copy_staged_row(dm, reinterpret_cast<const uint8_t*>(tl.stage_x), reinterpret_cast<const float*>(tl.stage_scales),
+                        j, tl.out_row_bytes, reinterpret_cast<uint8_t*>(tl.out_x),
+                        reinterpret_cast<float*>(tl.out_scales), j, lane);
+        if (tl.payload_only) continue;
+        const int* meta = stage_meta + static_cast<int64_t>(j) * EP_META_INTS(K);
+        if (lane < 2) {
+            out_src[2 * j + lane] = meta[lane];
+            row_src[2 * j + lane] = meta[lane];
+        }
+        for (int k = lane; k < K; k += 32) {
+            out_topk[static_cast<int64_t>(j) * K + k] = meta[2 + k];
+            row_slots[static_cast<int64_t>(j) * K + k] = meta[2 + k];
+            if (out_weights) out_weights[static_cast<int64_t>(j) * K + k] = __int_as_float(meta[2 + K + k]);
+        }
+    }
+    EP_TRACE_BLOCK(kTraceLayoutEnd);
+}
+
 // Sends every token once to each of its destination ranks (send_rows), one warp per (token,
 // destination) so every destination's link is busy at once. A replay begins its call
 // (dm.begins_call): it first publishes its own receive slot `recv_slot` and waits until every
-// rank entered. Without a layout here (ex.send_warps 0), every warp sends and the last block
-// raises the data flag on every peer for the layout kernel. Expert-major (ex.send_warps > 0),
-// ex.send_warps warps of each block send and the others lay this rank's rows out as they arrive
-// (expand_arrivals), each with `stage_bytes` of the dynamic shared memory for its bulk copies
-// ((32 - send_warps) x stage_bytes per block, a multiple of 128 each); the last block then resets
-// the arrival counters, all full by then.
+// rank entered. Token-major (ex.send_warps 0), every warp sends and the last block raises the data
+// flag on every peer; with tl.enabled, every block then lays out this rank's rows as they are all
+// in (lay_out_token_rows), in this kernel rather than one of its own, which would first wait for
+// this one to drain. Expert-major (ex.send_warps > 0), ex.send_warps warps of each block send and
+// the others lay this rank's rows out as they arrive (expand_arrivals), each with `stage_bytes` of
+// the dynamic shared memory for its bulk copies ((32 - send_warps) x stage_bytes per block, a
+// multiple of 128 each); the last block then resets the arrival counters, all full by then.
 extern "C" __global__ void __launch_bounds__(1024)
     ep_dispatch_send(EpPeers peers, EpDims dm, const uint8_t* x, const float* scales, const void* topk, int idx64,
                      const float* weights, const int* expert_rank, const int* local_index, const int* pos,
                      const int* my_base_on, const int* slot_rank, int num_tokens, int payload_only, int recv_slot,
-                     EpExpand ex, int stage_bytes, unsigned* done, int* err) {
+                     EpExpand ex, int stage_bytes, EpTokenLayout tl, unsigned* done, int* err) {
     follow_prior_grids();
     EP_TRACE_POINT(kTraceSendStart);
     const bool go = (dm.begins_call ? enter_call(peers, dm, recv_slot, err) : true) && block_ok(err);
@@ -1126,16 +1178,26 @@ extern "C" __global__ void __launch_bounds__(1024)
     EP_TRACE_BLOCK(kTraceSent);
     // Expert-major rows carry their own releases (count_arrivals); token-major ones are covered
     // by the data flag raised below.
-    if (!arrive_last(done, !lays_out)) return;
-    if (lays_out && !failed(err)) {
-        const int chunks = (dm.max_tokens + EP_CHUNK_TOKENS - 1) / EP_CHUNK_TOKENS;
-        for (int i = threadIdx.x; i < dm.world * chunks; i += blockDim.x) {
-            *arrival_counter(dm.my_signals, dm, i / chunks, i % chunks) = 0u;
+    const bool last = arrive_last(done, !lays_out);
+    if (last) {
+        if (lays_out && !failed(err)) {
+            const int chunks = (dm.max_tokens + EP_CHUNK_TOKENS - 1) / EP_CHUNK_TOKENS;
+            for (int i = threadIdx.x; i < dm.world * chunks; i += blockDim.x) {
+                *arrival_counter(dm.my_signals, dm, i / chunks, i % chunks) = 0u;
+            }
         }
+        if (!lays_out) signal_all(peers, dm, EP_SIG_DATA);
+        __syncthreads();
+        EP_TRACE_POINT(kTraceSendEnd);
     }
-    if (!lays_out) signal_all(peers, dm, EP_SIG_DATA);
-    __syncthreads();
-    EP_TRACE_POINT(kTraceSendEnd);
+    if (tl.enabled) {
+        // The call number is stored once every block has read it for its wait (done[1] counts
+        // them; the combine's item counter, 0 between calls, and 0 again after this).
+        lay_out_token_rows(dm, tl, err);
+        if (!arrive_last(done + 1, false)) return;
+    } else if (!last) {
+        return;
+    }
     if (threadIdx.x == 0) commit_call(dm);
 }
 
@@ -1148,54 +1210,6 @@ extern "C" __global__ void ep_barrier(EpPeers peers, EpDims dm, int* err) {
     __syncthreads();
     EP_TRACE_POINT(kTraceBarrierEnd);
     if (threadIdx.x == 0) commit_call(dm);
-}
-
-// Token-major layout: waits for every rank's rows, which are staged (in this call's receive slot:
-// `stage_*` point at it) in (source, token) order, and copies them out (the payload only when
-// `out_x`: an output that is the slot itself needs no copy), with their metadata unless
-// `payload_only`. Also keeps, for the handle, each row's (source, token) and local slot ids, and
-// first marks the output rows past the valid ones (src and topk_idx -1, weights 0; their payload is
-// unspecified). One warp per row.
-extern "C" __global__ void __launch_bounds__(1024)
-    ep_layout_token_major(EpDims dm, const uint8_t* stage_x, const float* stage_scales, const int* stage_meta,
-                          const int* recv_base, int payload_only, int out_row_bytes, int out_rows, uint8_t* out_x,
-                          float* out_scales, int* out_topk, float* out_weights, int* out_src, int* row_src,
-                          int* row_slots, int* err) {
-    follow_prior_grids();
-    EP_TRACE_POINT(kTraceLayoutStart);
-    const int lane = threadIdx.x & 31;
-    const int K = dm.topk;
-    // A call that failed before this kernel (a count exchange timed out) derived no recv_base: it
-    // marks nothing and returns below.
-    const int rows = failed(err) ? out_rows : recv_base[dm.world];
-    if (!payload_only) {
-        // The rows past the valid ones take nothing from the peers: marked while their rows travel.
-        const int64_t unused = max(int64_t{0}, static_cast<int64_t>(out_rows) - rows);
-        for (int64_t i = thread_id(); i < unused * K; i += thread_count()) {
-            out_topk[static_cast<int64_t>(rows) * K + i] = -1;
-            if (out_weights) out_weights[static_cast<int64_t>(rows) * K + i] = 0.f;
-        }
-        for (int64_t i = thread_id(); i < unused * 2; i += thread_count()) {
-            out_src[2 * static_cast<int64_t>(rows) + i] = -1;
-        }
-    }
-    if (!wait_all(dm, EP_SIG_DATA, err)) return;
-    EP_TRACE_POINT(kTraceLayoutFlags);
-    for (int j = warp_id(); j < rows; j += warp_count()) {
-        copy_staged_row(dm, stage_x, stage_scales, j, out_row_bytes, out_x, out_scales, j, lane);
-        if (payload_only) continue;
-        const int* meta = stage_meta + static_cast<int64_t>(j) * EP_META_INTS(K);
-        if (lane < 2) {
-            out_src[2 * j + lane] = meta[lane];
-            row_src[2 * j + lane] = meta[lane];
-        }
-        for (int k = lane; k < K; k += 32) {
-            out_topk[static_cast<int64_t>(j) * K + k] = meta[2 + k];
-            row_slots[static_cast<int64_t>(j) * K + k] = meta[2 + k];
-            if (out_weights) out_weights[static_cast<int64_t>(j) * K + k] = __int_as_float(meta[2 + K + k]);
-        }
-    }
-    EP_TRACE_BLOCK(kTraceLayoutEnd);
 }
 
 // Holds the stream until the host stores `until` or more into `gate` (a word of mapped host

@@ -78,6 +78,27 @@ struct EpExpand {
     int send_warps;  // warps of each block that send; the others lay out. 0: no layout here
 };
 
+// A token-major layout run by ep_dispatch_send's blocks once their rows are out and every rank's
+// rows arrived (enabled 1): the staged rows copied out (unless the output is the receive slot
+// itself: out_x 0) with their metadata (unless payload_only). Addresses are this rank's.
+struct EpTokenLayout {
+    uint64_t stage_x;       // this call's receive slot: payload rows
+    uint64_t stage_scales;  //   and their scales
+    uint64_t stage_meta;    //   and their metadata
+    uint64_t recv_base;     // i32 [world + 1]: first staged row of each source
+    uint64_t out_x;         // [out_rows][out_row_bytes], or 0: the output is the slot
+    uint64_t out_scales;    // f32 [out_rows][S], or 0
+    uint64_t out_topk;      // i32 [out_rows][K] (with the next four, a dispatch only)
+    uint64_t out_weights;   // f32 [out_rows][K], or 0
+    uint64_t out_src;       // i32 [out_rows][2]
+    uint64_t row_src;       // i32 [world * max_tokens][2]: the handle's (source, token) of each row
+    uint64_t row_slots;     // i32 [world * max_tokens][K]: the handle's local slot ids of each row
+    int out_row_bytes;
+    int out_rows;
+    int payload_only;
+    int enabled;
+};
+
 struct EpDims {
     int rank;
     int world;

@@ -108,6 +108,29 @@ pub(crate) struct EpExpand {
     pub send_warps: i32,
 }
 
+/// `struct EpTokenLayout` of moe_ep.h: the token-major layout `ep_dispatch_send`'s blocks write
+/// once every rank's rows arrived (device addresses; 0 for absent ones; `enabled` 0: none there).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct EpTokenLayout {
+    pub stage_x: u64,
+    pub stage_scales: u64,
+    pub stage_meta: u64,
+    pub recv_base: u64,
+    /// 0: the output is the receive slot's rows themselves, nothing to copy.
+    pub out_x: u64,
+    pub out_scales: u64,
+    pub out_topk: u64,
+    pub out_weights: u64,
+    pub out_src: u64,
+    pub row_src: u64,
+    pub row_slots: u64,
+    pub out_row_bytes: i32,
+    pub out_rows: i32,
+    pub payload_only: i32,
+    pub enabled: i32,
+}
+
 /// What the send-back half of `ep_combine` reads (device addresses; 0 for absent ones).
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct CombineSend {
@@ -159,6 +182,7 @@ enum Arg {
     Peers(Box<EpPeers>),
     Dims(EpDims),
     Expand(EpExpand),
+    TokenLayout(EpTokenLayout),
 }
 
 impl Arg {
@@ -169,6 +193,7 @@ impl Arg {
             Arg::Peers(p) => &mut **p as *mut EpPeers as *mut c_void,
             Arg::Dims(d) => d as *mut EpDims as *mut c_void,
             Arg::Expand(e) => e as *mut EpExpand as *mut c_void,
+            Arg::TokenLayout(t) => t as *mut EpTokenLayout as *mut c_void,
         }
     }
 }
@@ -200,7 +225,6 @@ pub(crate) struct Kernels {
     route_notify: CudaFunction,
     dispatch_send: CudaFunction,
     barrier: CudaFunction,
-    layout_token_major: CudaFunction,
     hold: CudaFunction,
     typed: Vec<(Elem, Typed)>,
     /// Dynamic shared memory `ep_combine_*` may take for its expert-major gather rings.
@@ -255,11 +279,10 @@ fn overlap_launches_from_env() -> bool {
 /// Shared memory the kernels keep for their static variables, below the opt-in limit.
 const STATIC_SHARED_RESERVE: u32 = 16 * 1024;
 
-const PLAIN: [&str; 5] = [
+const PLAIN: [&str; 4] = [
     "ep_route_notify",
     "ep_dispatch_send",
     "ep_barrier",
-    "ep_layout_token_major",
     "ep_hold",
 ];
 
@@ -369,7 +392,7 @@ impl Kernels {
                 layout_shared_bytes as i32,
             )
             .map_err(|e| describe("allowing ep_dispatch_send its shared memory", e))?;
-        let (barrier, layout_token_major, hold) = (next(), next(), next());
+        let (barrier, hold) = (next(), next());
         let typed = ELEMS
             .iter()
             .map(|&(elem, _)| {
@@ -396,7 +419,6 @@ impl Kernels {
             route_notify,
             dispatch_send,
             barrier,
-            layout_token_major,
             hold,
             typed,
             ring_bytes,
@@ -538,7 +560,8 @@ impl Kernels {
     }
 
     /// Sends every token to its destinations; with `expand.send_warps` > 0, the other warps of
-    /// each block lay the arriving rows out expert-major, through rings in shared memory.
+    /// each block lay the arriving rows out expert-major, through rings in shared memory; with
+    /// `token_layout.enabled`, every block lays them out token-major once all are in.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn dispatch_send(
         &self,
@@ -560,6 +583,7 @@ impl Kernels {
         payload_only: bool,
         recv_slot: i32,
         expand: EpExpand,
+        token_layout: EpTokenLayout,
         done: u64,
         err: u64,
     ) -> Result<(), String> {
@@ -602,6 +626,7 @@ impl Kernels {
             Arg::Int(recv_slot),
             Arg::Expand(expand),
             Arg::Int(stage_bytes as i32),
+            Arg::TokenLayout(token_layout),
             Arg::Ptr(done),
             Arg::Ptr(err),
         ];
@@ -613,56 +638,6 @@ impl Kernels {
             shared,
             args,
             "ep_dispatch_send",
-        )
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn layout_token_major(
-        &self,
-        s: &Stream,
-        grid: Grid,
-        dm: EpDims,
-        stage_x: u64,
-        stage_scales: u64,
-        stage_meta: u64,
-        recv_base: u64,
-        payload_only: bool,
-        out_row_bytes: i32,
-        out_rows: i32,
-        out_x: u64,
-        out_scales: u64,
-        out_topk: u64,
-        out_weights: u64,
-        out_src: u64,
-        row_src: u64,
-        row_slots: u64,
-        err: u64,
-    ) -> Result<(), String> {
-        let args = vec![
-            Arg::Dims(dm),
-            Arg::Ptr(stage_x),
-            Arg::Ptr(stage_scales),
-            Arg::Ptr(stage_meta),
-            Arg::Ptr(recv_base),
-            Arg::Int(payload_only as i32),
-            Arg::Int(out_row_bytes),
-            Arg::Int(out_rows),
-            Arg::Ptr(out_x),
-            Arg::Ptr(out_scales),
-            Arg::Ptr(out_topk),
-            Arg::Ptr(out_weights),
-            Arg::Ptr(out_src),
-            Arg::Ptr(row_src),
-            Arg::Ptr(row_slots),
-            Arg::Ptr(err),
-        ];
-        self.launch(
-            s,
-            &self.layout_token_major,
-            grid,
-            0,
-            args,
-            "ep_layout_token_major",
         )
     }
 

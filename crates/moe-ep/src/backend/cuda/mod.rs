@@ -16,8 +16,8 @@ use crate::config::{EpConfig, Layout, OutputSizing};
 use crate::dtype::DType;
 use crate::error::{EpError, Result};
 use crate::ffi::cuda_kernels::{
-    self as k, ptr_or_null, Elem, EpDims, EpExpand, EpPeers, Grid, Kernels, SIDE_EXPANDED,
-    SIDE_NONE, SIDE_ROW_K, SIDE_ROW_K_OWNED, SIG_DATA2,
+    self as k, ptr_or_null, Elem, EpDims, EpExpand, EpPeers, EpTokenLayout, Grid, Kernels,
+    SIDE_EXPANDED, SIDE_NONE, SIDE_ROW_K, SIDE_ROW_K_OWNED, SIG_DATA2,
 };
 use crate::ffi::cuda_memory::{self as mem, PeerMapping, StreamBuffer, IPC_HANDLE_BYTES};
 use crate::ffi::cuda_stream::Stream;
@@ -575,7 +575,8 @@ impl CudaBackend {
 
     /// Sends a payload along a recorded routing into every destination's staging buffer, as the
     /// call's first kernel (`dm.begins_call`: it waits until every rank entered the call), with
-    /// the expert-major layout of the arriving rows when `expand` asks for it.
+    /// the expert-major layout of the arriving rows when `expand` asks for it, or the token-major
+    /// one when `token_layout` does.
     #[allow(clippy::too_many_arguments)]
     fn send_payload(
         &self,
@@ -585,7 +586,7 @@ impl CudaBackend {
         scales: Option<u64>,
         num_tokens: usize,
         slot: &RecvSlot,
-        expand: EpExpand,
+        (expand, token_layout): (EpExpand, EpTokenLayout),
     ) -> Result<()> {
         let r = self.kernels.dispatch_send(
             self.stream(),
@@ -606,6 +607,7 @@ impl CudaBackend {
             true,
             i32_of(slot.index),
             expand,
+            token_layout,
             self.done.ptr(),
             self.err.ptr(),
         );
@@ -677,39 +679,40 @@ impl CudaBackend {
         self.shared.stage_row_bytes == self.config.hidden * dtype.size()
     }
 
-    /// A token-major replay (`first`: the dims of its call's first kernel, for payload rows of
-    /// `row_bytes`): sends a payload along a recorded routing, then, once every rank's rows
-    /// arrived, lays them out in the recorded rows: `[out_rows, H]` of `dtype`, and the scales
-    /// when `with_scales` (the dispatcher has scale columns and the payload carried them).
+    /// A token-major replay (`first`: the dims of its call's one kernel): sends a payload along a
+    /// recorded routing and, once every rank's rows arrived, lays them out in the recorded rows,
+    /// in the same kernel: `[out_rows, H]` of `dtype`, and the scales when `with_scales` (the
+    /// dispatcher has scale columns and the payload carried them).
     fn replay_token_major(
         &mut self,
-        (first, row_bytes): (EpDims, usize),
+        first: EpDims,
         h: &CudaHandle,
         (x, scales): (u64, Option<u64>),
         num_tokens: usize,
         (out_rows, dtype, with_scales): (usize, DType, bool),
         slot: &RecvSlot,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        let (out_x, out_scales, in_place) =
+            self.payload_tensors(out_rows, dtype, with_scales, slot)?;
+        let layout = self.token_layout(h, slot, (&out_x, out_scales.as_ref(), in_place), None);
         let none = EpExpand::default();
-        self.send_payload(first, h, x, scales, num_tokens, slot, none)?;
-        let dm = self.dims(row_bytes, false);
-        let (x, scales, in_place) = self.payload_tensors(out_rows, dtype, with_scales, slot)?;
-        self.lay_out_token_major(dm, h, slot, (&x, scales.as_ref(), in_place), None)?;
-        Ok((x, scales))
+        self.send_payload(first, h, x, scales, num_tokens, slot, (none, layout))?;
+        self.after_token_major_send = true;
+        Ok((out_x, out_scales))
     }
 
-    /// The token-major layout kernel: once every rank's rows arrived, copies them from the
-    /// receive slot `slot` into `payload` (rows, scales, and whether those are the slot's own
-    /// rows: then nothing is copied) and, for a dispatch, writes `meta`, every row of it. The last
-    /// kernel of every token-major dispatch-direction call, so it sets `after_token_major_send`.
-    fn lay_out_token_major(
-        &mut self,
-        dm: EpDims,
+    /// The token-major layout `ep_dispatch_send` runs once every rank's rows arrived: copies them
+    /// from the receive slot `slot` into `payload` (rows, scales, and whether those are the
+    /// slot's own rows: then nothing is copied) and, for a dispatch, writes `meta`, every row of
+    /// it. It ends every token-major dispatch-direction call, so its caller sets
+    /// `after_token_major_send` once the kernel is queued.
+    fn token_layout(
+        &self,
         h: &CudaHandle,
         slot: &RecvSlot,
         payload: (&Tensor, Option<&Tensor>, bool),
         meta: Option<TokenMeta>,
-    ) -> Result<()> {
+    ) -> EpTokenLayout {
         let (x, scales, in_place) = payload;
         let copied = |t: Option<&Tensor>| match in_place {
             true => 0,
@@ -717,29 +720,23 @@ impl CudaBackend {
         };
         let m = meta.unwrap_or_default();
         let stage = self.shared.slot(slot.index);
-        let r = self.kernels.layout_token_major(
-            self.stream(),
-            self.grid(),
-            dm,
-            stage.x,
-            stage.scales,
-            stage.meta,
-            h.recv_base.ptr(),
-            meta.is_none(),
-            i32_of(x.dims()[1] * x.dtype().size()),
-            i32_of(x.dims()[0]),
-            copied(Some(x)),
-            copied(scales),
-            m.topk,
-            m.weights,
-            m.src,
-            m.row_src,
-            m.row_slots,
-            self.err.ptr(),
-        );
-        self.check(r)?;
-        self.after_token_major_send = true;
-        Ok(())
+        EpTokenLayout {
+            stage_x: stage.x,
+            stage_scales: stage.scales,
+            stage_meta: stage.meta,
+            recv_base: h.recv_base.ptr(),
+            out_x: copied(Some(x)),
+            out_scales: copied(scales),
+            out_topk: m.topk,
+            out_weights: m.weights,
+            out_src: m.src,
+            row_src: m.row_src,
+            row_slots: m.row_slots,
+            out_row_bytes: i32_of(x.dims()[1] * x.dtype().size()),
+            out_rows: i32_of(x.dims()[0]),
+            payload_only: meta.is_none() as i32,
+            enabled: 1,
+        }
     }
 
     /// The expert-major layout the send kernel's receiving warps write into `x` (and `scales`)
@@ -1213,6 +1210,24 @@ impl Backend for CudaBackend {
                 }
             }
         };
+        // Token-major, the send kernel's blocks lay the rows out once every rank's are in, and
+        // write every row of these (padding included: src -1 and so on, as docs/semantics.md
+        // states); expert-major, its receiving warps do as the rows arrive.
+        let row_slots = (!em).then(|| row_map.take().expect("token-major row slots"));
+        let token_layout = match &row_slots {
+            None => EpTokenLayout::default(),
+            Some(row_slots) => {
+                let meta = TokenMeta {
+                    topk: row_ids.device_ptr().expect("device"),
+                    weights: ptr_or_null(row_w.as_ref().and_then(Tensor::device_ptr)),
+                    src: src_ptr,
+                    row_src: handle.row_src.ptr(),
+                    row_slots: row_slots.ptr(),
+                };
+                let payload = (&x, scales.as_ref(), in_place);
+                self.token_layout(&handle, &slot, payload, Some(meta))
+            }
+        };
         let r = self.kernels.dispatch_send(
             self.stream(),
             self.grid(),
@@ -1232,31 +1247,18 @@ impl Backend for CudaBackend {
             false,
             -1,
             expand,
+            token_layout,
             self.done.ptr(),
             self.err.ptr(),
         );
         self.check(r)?;
-
-        // Token-major, the layout kernel waits for every rank's rows, then writes every row of
-        // these (padding included: src -1 and so on, as docs/semantics.md states); expert-major,
-        // the send kernel did.
-        let (topk_idx, weights_out, local_expert) = match em {
-            false => {
-                let row_slots = row_map.take().expect("token-major row slots");
-                let (topk_out, w) = (row_ids, row_w);
-                let meta = TokenMeta {
-                    topk: topk_out.device_ptr().expect("device"),
-                    weights: ptr_or_null(w.as_ref().and_then(Tensor::device_ptr)),
-                    src: src_ptr,
-                    row_src: handle.row_src.ptr(),
-                    row_slots: row_slots.ptr(),
-                };
-                let payload = (&x, scales.as_ref(), in_place);
-                self.lay_out_token_major(dm, &handle, &slot, payload, Some(meta))?;
+        let (topk_idx, weights_out, local_expert) = match row_slots {
+            Some(row_slots) => {
+                self.after_token_major_send = true;
                 handle.row_slots = Some(row_slots);
-                (Some(topk_out), w, None)
+                (Some(row_ids), row_w, None)
             }
-            true => (None, row_w, Some(row_ids)),
+            None => (None, row_w, Some(row_ids)),
         };
         let mut output = DispatchOutput {
             x,
@@ -1324,19 +1326,13 @@ impl Backend for CudaBackend {
         let (x, scales) = if token_major {
             let out = (handle.out_rows, dtype, true);
             let payload = (x_in, scales_in);
-            self.replay_token_major(
-                (first, row_bytes),
-                h,
-                payload,
-                handle.num_tokens,
-                out,
-                &slot,
-            )?
+            self.replay_token_major(first, h, payload, handle.num_tokens, out, &slot)?
         } else {
             // The send kernel lays the rows out along the recorded expansion as they arrive.
             let (x, scales, _) = self.payload_tensors(handle.out_rows, dtype, true, &slot)?;
             let expand = self.expand_into(&slot, h, &x, scales.as_ref());
-            self.send_payload(first, h, x_in, scales_in, handle.num_tokens, &slot, expand)?;
+            let layout = (expand, EpTokenLayout::default());
+            self.send_payload(first, h, x_in, scales_in, handle.num_tokens, &slot, layout)?;
             (x, scales)
         };
         self.finish_exact()?;
@@ -1415,21 +1411,15 @@ impl Backend for CudaBackend {
         let Some(exp_rows) = &h.exp_rows else {
             // Token-major combine is an unweighted sum: its backward is a replay of grad_out.
             let out = (handle.out_rows, cd, false);
-            let (grad_y, _) = self.replay_token_major(
-                (first, row_bytes),
-                h,
-                (grad, None),
-                handle.num_tokens,
-                out,
-                &slot,
-            )?;
+            let (grad_y, _) =
+                self.replay_token_major(first, h, (grad, None), handle.num_tokens, out, &slot)?;
             self.finish_exact()?;
             return Ok(CombineBackwardOutput {
                 grad_y,
                 grad_weights: None,
             });
         };
-        let none = EpExpand::default();
+        let none = (EpExpand::default(), EpTokenLayout::default());
         self.send_payload(first, h, grad, None, handle.num_tokens, &slot, none)?;
         let dm = self.dims(row_bytes, false);
         // Padding rows of grad_y are unspecified, like the payload's.
