@@ -781,6 +781,24 @@ __device__ __forceinline__ int64_t part_bytes_of(int64_t row_bytes, int parts) {
     return ((row_bytes + parts - 1) / parts + kBatch - 1) / kBatch * kBatch;
 }
 
+// Piece `part` (of `part_bytes`, see part_bytes_of) of a row of `row_bytes`, from `src` into a
+// peer's `dst` by the whole warp; the last piece may be short, and a piece past the row's end is
+// empty.
+__device__ __forceinline__ void copy_row_piece(uint8_t* dst, const uint8_t* src, int64_t row_bytes, int part,
+                                               int64_t part_bytes, int lane) {
+    const int64_t begin = part * part_bytes, bytes = min(part_bytes, row_bytes - begin);
+    if (bytes > 0) warp_copy<true>(dst + begin, src + begin, bytes, lane);
+}
+
+// After a warp stored its piece of a row (one of `parts`): adds the piece's share of kRowUnits to
+// the peer's arrival `counter` of the row's chunk, with a system-scope release. The warp barrier
+// orders every lane's stores before lane 0's release (cumulativity), so the peer sees the whole
+// piece once it sees the count.
+__device__ __forceinline__ void release_piece(unsigned* counter, int parts, int lane) {
+    __syncwarp();
+    if (lane == 0) red_add_release_sys(counter, kRowUnits / parts);
+}
+
 // One sending warp's share of the tokens: the x row, the scales row (when `scales` is given:
 // replays of gradients carry none), and (unless `payload_only`, i.e. a replay) the row's metadata,
 // straight into the destination's staging buffers at the row the routing gave it, in the receive
@@ -811,10 +829,9 @@ __device__ void send_rows(const EpPeers& peers, const EpDims& dm, const uint8_t*
         if (p < 0) continue;
         const int t = static_cast<int>(item / W), d = static_cast<int>(item - static_cast<int64_t>(t) * W);
         const int64_t row = slot_base(peers, dm, d) + my_base_on[d] + p;
-        const int64_t begin = part * part_bytes, bytes = min(part_bytes, dm.x_row_bytes - begin);
-        if (part < parts && bytes > 0) {
-            warp_copy<true>(reinterpret_cast<uint8_t*>(peers.stage_x[d]) + row * dm.stage_row_bytes + begin,
-                            x + static_cast<int64_t>(t) * dm.x_row_bytes + begin, bytes, lane);
+        if (part < parts) {
+            copy_row_piece(reinterpret_cast<uint8_t*>(peers.stage_x[d]) + row * dm.stage_row_bytes,
+                           x + static_cast<int64_t>(t) * dm.x_row_bytes, dm.x_row_bytes, part, part_bytes, lane);
         }
         if (part == side_part && S > 0 && scales) {
             float* dst = reinterpret_cast<float*>(peers.stage_scales[d]) + row * S;
@@ -837,12 +854,7 @@ __device__ void send_rows(const EpPeers& peers, const EpDims& dm, const uint8_t*
             }
         }
         if (count_arrivals) {
-            // As in send_back_rows: the warp barrier orders every lane's stores before the release.
-            __syncwarp();
-            if (lane == 0) {
-                red_add_release_sys(arrival_counter(peers.signals[d], dm, dm.rank, p / EP_CHUNK_TOKENS),
-                                    kRowUnits / parts);
-            }
+            release_piece(arrival_counter(peers.signals[d], dm, dm.rank, p / EP_CHUNK_TOKENS), parts, lane);
         }
     }
 }
@@ -1369,12 +1381,44 @@ struct WarpTable {
     float weight[32];
 };
 
+// The slots gather_slots reads, lane `lane`'s column of each: with N > 0, N slots whose row
+// pointers and weights a lane holds in registers; with N == 0 (below), any count, looked up in the
+// warp's table at each use.
+template <typename T, int N>
+struct HeldSlots {
+    const int4* rows[N];
+    float weights[N];
+    __device__ __forceinline__ HeldSlots(const T* y, int H, const WarpTable* table, int lane) {
+#pragma unroll
+        for (int q = 0; q < N; ++q) {
+            rows[q] = reinterpret_cast<const int4*>(y + static_cast<int64_t>(table->row[q]) * H) + lane;
+            weights[q] = table->weight[q];
+        }
+    }
+    __device__ __forceinline__ const int4* row(int q) const { return rows[q]; }
+    __device__ __forceinline__ float weight(int q) const { return weights[q]; }
+};
+
+template <typename T>
+struct HeldSlots<T, 0> {
+    const T* y;
+    int H;
+    const WarpTable* table;
+    int lane;
+    __device__ __forceinline__ HeldSlots(const T* y, int H, const WarpTable* table, int lane)
+        : y(y), H(H), table(table), lane(lane) {}
+    __device__ __forceinline__ const int4* row(int q) const {
+        return reinterpret_cast<const int4*>(y + static_cast<int64_t>(table->row[q]) * H) + lane;
+    }
+    __device__ __forceinline__ float weight(int q) const { return table->weight[q]; }
+};
+
 // Gathers the partial of gather_partial (below) for the n slots in `table` (rows and weights,
 // each weight 1 for plain adds: fmaf(1, v, acc) rounds v + acc once, as the add does). With N > 0
-// (n == N) each lane holds the slots' row pointers and weights in registers and the slot loops
-// unroll, so the inner loop is the loads, the conversions and the fmaf; N == 0 reads them from
-// `table` for any n. gather_partial instantiates N up to 4: more spill, and instances for 5 to 8
-// made the world-2 T = 4096 combine slower (docs/perf-notes.md, v13).
+// (n == N) the slots are held in registers (HeldSlots) and the slot loops unroll, so the inner
+// loop is the loads, the conversions and the fmaf; N == 0 takes any n. gather_partial
+// instantiates N up to 4: more spill, and instances for 5 to 8 made the world-2 T = 4096 combine
+// slower (docs/perf-notes.md, v13).
 template <typename T, int N>
 __device__ __forceinline__ void gather_slots(T* dst, const T* y, int n, int H, const WarpTable* table, int4* ring,
                                              int ring_vecs, int lane) {
@@ -1383,25 +1427,14 @@ __device__ __forceinline__ void gather_slots(T* dst, const T* y, int n, int H, c
     const int units = H / V::kLen;
     const int batches = 2 * n <= ring_vecs ? 2 : 1;
     const int kv = ring_vecs / (batches * n);  // vectors per lane in a batch
-    constexpr int kHeld = N > 0 ? N : 1;
-    const int4* held_row[kHeld];
-    float held_weight[kHeld];
-#pragma unroll
-    for (int q = 0; q < N; ++q) {
-        held_row[q] = reinterpret_cast<const int4*>(y + static_cast<int64_t>(table->row[q]) * H) + lane;
-        held_weight[q] = table->weight[q];
-    }
-    const auto row_of = [&](int q) {
-        if constexpr (N > 0) return held_row[q];
-        return reinterpret_cast<const int4*>(y + static_cast<int64_t>(table->row[q]) * H) + lane;
-    };
+    const HeldSlots<T, N> slot(y, H, table, lane);
     // Batch b's vector u of slot q sits at column[((b * kv + u) * n + q) * 32].
     int4* column = ring + lane;
     const auto issue = [&](int base, int b) {
         int4* at = column + b * kv * n * 32;
         for (int u = 0; u < kv && base + 32 * u + lane < units; ++u, at += n * 32) {
 #pragma unroll
-            for (int q = 0; q < (N > 0 ? N : n); ++q) cp_async16(at + q * 32, row_of(q) + base + 32 * u);
+            for (int q = 0; q < (N > 0 ? N : n); ++q) cp_async16(at + q * 32, slot.row(q) + base + 32 * u);
         }
         cp_async_commit();
     };
@@ -1431,9 +1464,9 @@ __device__ __forceinline__ void gather_slots(T* dst, const T* y, int n, int H, c
             };
             if constexpr (N > 0) {
 #pragma unroll
-                for (int q = 0; q < N; ++q) add(q, held_weight[q]);
+                for (int q = 0; q < N; ++q) add(q, slot.weight(q));
             } else {
-                for (int q = 0; q < n; ++q) add(q, table->weight[q]);
+                for (int q = 0; q < n; ++q) add(q, slot.weight(q));
             }
             V out;
 #pragma unroll
@@ -1509,11 +1542,8 @@ __device__ void send_back_rows(const EpPeers& peers, const EpDims& dm, const T* 
         T* dst = reinterpret_cast<T*>(peers.back[s]) + slot * H;
         const int* er = exp_rows + static_cast<int64_t>(j) * K;
         if (!expert_major) {
-            const int64_t begin = part * part_bytes, bytes = min(part_bytes, row_bytes - begin);
-            if (bytes > 0) {
-                warp_copy<true>(reinterpret_cast<uint8_t*>(dst) + begin,
-                                reinterpret_cast<const uint8_t*>(y + static_cast<int64_t>(j) * H) + begin, bytes, lane);
-            }
+            copy_row_piece(reinterpret_cast<uint8_t*>(dst), reinterpret_cast<const uint8_t*>(y + static_cast<int64_t>(j) * H),
+                           row_bytes, part, part_bytes, lane);
         } else if (const unsigned slots = __ballot_sync(0xffffffffu, lane < K && er[lane] >= 0);
                    vec && K <= 32 && slots != 0 && __popc(slots) <= ring_vecs) {
             gather_partial<T>(dst, y, er, slots, H, unit_weights,
@@ -1545,13 +1575,8 @@ __device__ void send_back_rows(const EpPeers& peers, const EpDims& dm, const T* 
                 sd[k] = v;
             }
         }
-        // The warp's stores are ordered before lane 0's release (cumulativity through the warp
-        // barrier), so s sees the whole row once it sees the count.
-        __syncwarp();
-        if (lane == 0) {
-            red_add_release_sys(arrival_counter(peers.signals[s], dm, dm.rank, row_src[2 * j + 1] / EP_CHUNK_TOKENS),
-                                kRowUnits / parts);
-        }
+        release_piece(arrival_counter(peers.signals[s], dm, dm.rank, row_src[2 * j + 1] / EP_CHUNK_TOKENS), parts,
+                      lane);
     }
 }
 
