@@ -339,7 +339,7 @@ fn launch_with(
         numAttrs: u32::from(start == Start::OverlappingPrior),
     };
     // SAFETY: every caller below passes exactly the kernel's parameters, in order and with the
-    // kernel's types (device addresses as u64, ints as i32, the two structs mirrored from
+    // kernel's types (device addresses as u64, ints as i32, the structs mirrored from
     // moe_ep.h), and addresses of buffers sized as the kernel's comment states that stay alive
     // until the stream has run the kernel (they are owned by the dispatcher, the handle or the
     // caller's tensors). `args` and `overlap` outlive the call, which copies the parameters and

@@ -7,4 +7,6 @@ pub(crate) mod cuda_kernels;
 pub(crate) mod cuda_memory;
 pub(crate) mod cuda_stream;
 pub(crate) mod device_buffer;
+#[cfg(test)]
+mod kernel_abi_tests;
 pub(crate) mod nccl;
