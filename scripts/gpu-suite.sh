@@ -2,6 +2,7 @@
 # The whole GPU suite in one device call.
 #
 #   scripts/gpu-suite.sh build   # here (no GPU needed): kernels + release test binaries into .bin/
+#                                # (keeps .bin/ab, the binaries of scripts/bench-ab.sh)
 #   scripts/gpu-suite.sh run     # on the GPU machine, from the repo root; prints a table last
 #   scripts/gpu-suite.sh sweep   # on the GPU machine: the speed sweeps (issue 4), summaries, table
 #
@@ -32,7 +33,8 @@ for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         print(m["target"]["name"], m["executable"])')"
-    rm -rf .bin && mkdir -p .bin
+    # .bin/ab holds the binaries of A/B runs (scripts/bench-ab.sh), built apart: kept.
+    mkdir -p .bin && find .bin -mindepth 1 -maxdepth 1 ! -name ab -exec rm -rf {} +
     while read -r name exe; do cp "$exe" ".bin/$name"; done <<<"$list"
     cp target/release/moe-ep .bin/moe-ep
     strip .bin/*
