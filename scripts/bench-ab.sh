@@ -18,7 +18,7 @@
 set -uo pipefail
 
 usage() {
-    sed -n '2,16p' "$0" >&2
+    sed -n '2,17p' "$0" >&2
     exit 2
 }
 
