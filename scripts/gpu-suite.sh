@@ -37,7 +37,7 @@ for line in sys.stdin:
     mkdir -p .bin && find .bin -mindepth 1 -maxdepth 1 ! -name ab -exec rm -rf {} +
     while read -r name exe; do cp "$exe" ".bin/$name"; done <<<"$list"
     cp target/release/moe-ep .bin/moe-ep
-    strip .bin/*
+    find .bin -mindepth 1 -maxdepth 1 -type f -exec strip {} +
     ls -la .bin
 }
 
