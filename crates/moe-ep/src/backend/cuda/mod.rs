@@ -760,7 +760,7 @@ impl CudaBackend {
             out_scales: ptr_or_null(scales.and_then(Tensor::device_ptr)),
             out_row_bytes: i32_of(x.dims()[1] * x.dtype().size()),
             out_rows: i32_of(x.dims()[0]),
-            send_warps: dispatch_send_warps(),
+            send_warps: dispatch_send_warps(self.world),
             ..EpExpand::default()
         }
     }
@@ -820,7 +820,7 @@ impl CudaBackend {
             &send,
             &reduce,
             skip_entry,
-            combine_send_warps(),
+            combine_send_warps(self.world, h.exp_rows.is_some(), num_tokens),
             self.done.ptr(),
             self.err.ptr(),
         );
@@ -896,21 +896,27 @@ struct TokenMeta {
 
 /// Warps of each 32-warp block of `ep_combine` that send rows back first; the others reduce from
 /// the start, and the senders join them once their rows are out. The senders are bound by the
-/// links, the reducers by loads from this GPU's memory and by the arrivals (docs/perf-notes.md,
-/// v3, v4 and v6, have the measured splits). MOE_EP_COMBINE_SEND_WARPS (1..31) overrides it, for
-/// measuring the split.
-fn combine_send_warps() -> i32 {
+/// links (token-major) or by gathering each row's partial (expert-major), the reducers by loads
+/// from this GPU's memory and by the arrivals (docs/perf-notes.md, v3, v4, v6 and v16 have the
+/// measured splits). An expert-major combine of many tokens at world 2 gathers with 31: there
+/// the reduce keeps up with one warp a block, and the gather is what takes the time; with fewer
+/// tokens the reduce follows the last rows and needs the warps. MOE_EP_COMBINE_SEND_WARPS
+/// (1..31) overrides it, for measuring the split.
+fn combine_send_warps(world: usize, expert_major: bool, num_tokens: usize) -> i32 {
     static WARPS: std::sync::OnceLock<Option<i32>> = std::sync::OnceLock::new();
     let set = *WARPS.get_or_init(|| warps_from_env("MOE_EP_COMBINE_SEND_WARPS"));
-    set.unwrap_or(24)
+    let gather_bound = expert_major && world <= 2 && num_tokens >= 2048;
+    set.unwrap_or(if gather_bound { 31 } else { 24 })
 }
 
 /// Warps of each block of an expert-major dispatch's send kernel that send; the others lay the
-/// arriving rows out (docs/perf-notes.md, v5). MOE_EP_DISPATCH_SEND_WARPS (1..31) overrides it.
-fn dispatch_send_warps() -> i32 {
+/// arriving rows out (docs/perf-notes.md, v5). Two ranks send more: each GPU then lays out rows
+/// from one peer, not three, so fewer warps keep up with them (v15, v16 measured the splits).
+/// MOE_EP_DISPATCH_SEND_WARPS (1..31) overrides it.
+fn dispatch_send_warps(world: usize) -> i32 {
     static WARPS: std::sync::OnceLock<Option<i32>> = std::sync::OnceLock::new();
     let set = *WARPS.get_or_init(|| warps_from_env("MOE_EP_DISPATCH_SEND_WARPS"));
-    set.unwrap_or(16)
+    set.unwrap_or(if world <= 2 { 20 } else { 16 })
 }
 
 /// A warp count of 1..31 from the environment variable `name`, if set to one.
