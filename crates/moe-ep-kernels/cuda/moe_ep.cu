@@ -230,6 +230,17 @@ __device__ bool spin_until(Ready ready, const EpDims& dm, uint64_t deadline, boo
     return true;
 }
 
+// Zeroes this rank's arrival counters of chunks 0..chunks-1 from every rank, for the next call:
+// run by the last block of the kernel that waited for them all to be full, so no increment of
+// this call is still on its way. Not after a failure: the group is poisoned, and they stay as
+// they are.
+__device__ void reset_arrivals(const EpDims& dm, int chunks, const int* err) {
+    if (failed(err)) return;
+    for (int i = threadIdx.x; i < dm.world * chunks; i += blockDim.x) {
+        *arrival_counter(dm.my_signals, dm, i / chunks, i % chunks) = 0u;
+    }
+}
+
 // One thread: waits (acquire) until this rank's arrival counter (from, chunk) reaches `expected`.
 // False on timeout (reporting `from` as missing) or once the call failed.
 __device__ bool await_arrivals(const EpDims& dm, int from, int chunk, unsigned expected, int* err) {
@@ -1192,12 +1203,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     // by the data flag raised below.
     const bool last = arrive_last(done, !lays_out);
     if (last) {
-        if (lays_out && !failed(err)) {
-            const int chunks = (dm.max_tokens + EP_CHUNK_TOKENS - 1) / EP_CHUNK_TOKENS;
-            for (int i = threadIdx.x; i < dm.world * chunks; i += blockDim.x) {
-                *arrival_counter(dm.my_signals, dm, i / chunks, i % chunks) = 0u;
-            }
-        }
+        if (lays_out) reset_arrivals(dm, (dm.max_tokens + EP_CHUNK_TOKENS - 1) / EP_CHUNK_TOKENS, err);
         if (!lays_out) signal_all(peers, dm, EP_SIG_DATA);
         __syncthreads();
         EP_TRACE_POINT(kTraceSendEnd);
@@ -1731,12 +1737,7 @@ __device__ void combine(const EpPeers& peers, const EpDims& dm, const T* y, cons
     if (!arrive_last(done, false)) return;
     EP_TRACE_POINT(kTraceCombineEnd);
     if (threadIdx.x == 0) *next_item = 0u;
-    if (!failed(err)) {
-        const int chunks = (num_tokens + EP_CHUNK_TOKENS - 1) / EP_CHUNK_TOKENS;
-        for (int i = threadIdx.x; i < dm.world * chunks; i += blockDim.x) {
-            *arrival_counter(dm.my_signals, dm, i / chunks, i % chunks) = 0u;
-        }
-    }
+    reset_arrivals(dm, (num_tokens + EP_CHUNK_TOKENS - 1) / EP_CHUNK_TOKENS, err);
     __syncthreads();
     if (threadIdx.x == 0) commit_call(dm);
 }
