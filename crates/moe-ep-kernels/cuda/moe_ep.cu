@@ -823,8 +823,12 @@ __device__ __forceinline__ void release_piece(unsigned* counter, int parts, int 
 __device__ void send_rows(const EpPeers& peers, const EpDims& dm, const uint8_t* x, const float* scales,
                           const void* topk, int idx64, const float* weights, const int* expert_rank,
                           const int* local_index, const int* pos, const int* my_base_on, const int* slot_rank,
-                          int num_tokens, int payload_only, bool count_arrivals, int warp, int warps) {
+                          int num_tokens, int payload_only, bool count_arrivals, const int* err, int warp,
+                          int warps) {
     const int lane = threadIdx.x & 31;
+    // A call that failed before (a count exchange that timed out derived no bases) sends nothing.
+    // The warp reads that beside its first item's loads rather than ahead of them.
+    const bool call_failed = failed(err);
     const int K = dm.topk, S = dm.scale_cols, W = dm.world;
     const int64_t items = static_cast<int64_t>(num_tokens) * W;
     const int parts = row_parts(items, warps, false);
@@ -836,10 +840,11 @@ __device__ void send_rows(const EpPeers& peers, const EpDims& dm, const uint8_t*
     for (int64_t piece = warp; piece < items * pieces; piece += warps) {
         const int64_t item = piece / pieces;
         const int part = static_cast<int>(piece - item * pieces);
-        const int p = pos[item];
-        if (p < 0) continue;
         const int t = static_cast<int>(item / W), d = static_cast<int>(item - static_cast<int64_t>(t) * W);
+        const int p = pos[item];
         const int64_t row = slot_base(peers, dm, d) + my_base_on[d] + p;
+        if (call_failed) return;
+        if (p < 0) continue;
         if (part < parts) {
             copy_row_piece(reinterpret_cast<uint8_t*>(peers.stage_x[d]) + row * dm.stage_row_bytes,
                            x + static_cast<int64_t>(t) * dm.x_row_bytes, dm.x_row_bytes, part, part_bytes, lane);
@@ -1183,16 +1188,18 @@ extern "C" __global__ void __launch_bounds__(1024)
                      EpExpand ex, int stage_bytes, EpTokenLayout tl, unsigned* done, int* err) {
     follow_prior_grids();
     EP_TRACE_POINT(kTraceSendStart);
-    const bool go = (dm.begins_call ? enter_call(peers, dm, recv_slot, err) : true) && block_ok(err);
+    // A replay's entry checks for an earlier failure; otherwise each warp does (send_rows, and
+    // before the layout warps mark padding rows through bases that a failed call never derived).
+    const bool go = dm.begins_call ? enter_call(peers, dm, recv_slot, err) : true;
     EP_TRACE_POINT(kTraceSendEntered);
     const int per_block = static_cast<int>(blockDim.x >> 5), w = static_cast<int>(threadIdx.x >> 5);
     const bool lays_out = ex.send_warps > 0;
     const int send_warps = lays_out ? min(ex.send_warps, per_block - 1) : per_block;
     if (go && w < send_warps) {
         send_rows(peers, dm, x, scales, topk, idx64, weights, expert_rank, local_index, pos, my_base_on, slot_rank,
-                  num_tokens, payload_only, lays_out, blockIdx.x * send_warps + w, gridDim.x * send_warps);
+                  num_tokens, payload_only, lays_out, err, blockIdx.x * send_warps + w, gridDim.x * send_warps);
         EP_TRACE_WARP(kTraceSendWarpDone);
-    } else if (go) {
+    } else if (go && !failed(err)) {
         const int layout_warps = per_block - send_warps;
         extern __shared__ __align__(128) uint8_t layout_stages[];  // layout_warps x stage_bytes
         expand_arrivals(dm, ex, layout_stages + static_cast<int64_t>(w - send_warps) * stage_bytes, stage_bytes,
@@ -1518,9 +1525,9 @@ __device__ __forceinline__ void gather_partial(T* dst, const T* y, const int* er
 }
 
 // Each expert rank sends, for every staged row j (source s, token t), one row back to s: token-
-// major y[j] itself; expert-major the partial sum over j's expansions in ascending slot order of
-// w(row) * y[row] (fmaf from +0.0), rounded once (gather_partial, through this warp's `ring` of
-// ring_vecs x 32 vectors). `weights`: per-row weights overriding the
+// major y[j] itself; expert-major (`offsets` given) the partial sum over j's expansions in
+// ascending slot order of w(row) * y[row] (fmaf from +0.0), rounded once (gather_partial, through
+// this warp's `ring` of ring_vecs x 32 vectors). `weights`: per-row weights overriding the
 // recorded `row_weights` (expert-major), or null; `unit_weights` makes every weight 1 (plain adds).
 // Warps `warp`, `warp + warps`, ... of the grid take one staged row each (sources interleaved),
 // 16 bytes a lane; token-major, with fewer rows than warps, a row goes in pieces as in send_rows
@@ -1531,11 +1538,16 @@ template <typename T>
 __device__ void send_back_rows(const EpPeers& peers, const EpDims& dm, const T* y, const float* weights,
                                const float* row_weights, int unit_weights, const int* recv_base, const int* row_src,
                                const int* row_slots, const int* exp_rows, const float* side, int side_mode,
-                               bool expert_major, int4* ring, int ring_vecs, WarpTable* table, int warp,
-                               int warps) {
+                               const int* offsets, int rows_given, int4* ring, int ring_vecs, WarpTable* table,
+                               int* err, int warp, int warps) {
     const int K = dm.topk, H = dm.hidden, lane = threadIdx.x & 31;
-    const bool vec = vector_rows<T>(dm, y);
+    const bool vec = vector_rows<T>(dm, y), expert_major = offsets != nullptr;
+    // Nothing goes after an earlier failure, or with too few rows handed back (rows_cover). Both
+    // are read beside the first loads of the rows rather than ahead of them.
+    const bool call_failed = failed(err);
+    const bool covered = rows_cover(dm, recv_base, offsets, rows_given, err);
     const int items = interleaved_items(dm, recv_base);
+    if (call_failed || !covered) return;
     const int parts = row_parts(items, warps, expert_major);
     const int64_t row_bytes = static_cast<int64_t>(H) * sizeof(T);
     const int64_t part_bytes = part_bytes_of(row_bytes, parts);
@@ -1712,19 +1724,20 @@ __device__ void combine(const EpPeers& peers, const EpDims& dm, const T* y, cons
                         int num_tokens, T* out, float* out_side, int skip_entry, int send_warps, int ring_vecs,
                         unsigned* done, int* err) {
     EP_TRACE_POINT(kTraceCombineStart);
-    const bool covered = rows_cover(dm, recv_base, offsets, rows_given, err);
-    const bool entered = skip_entry ? block_ok(err) : enter_call(peers, dm, -1, err);
+    // Skipping the entry, nothing waits here: the sending warps check for an earlier failure
+    // themselves (send_back_rows), and the reducing ones stop waiting on one.
+    const bool entered = skip_entry ? true : enter_call(peers, dm, -1, err);
     EP_TRACE_POINT(kTraceCombineEntered);
     const int per_block = static_cast<int>(blockDim.x >> 5), w = static_cast<int>(threadIdx.x >> 5);
     send_warps = min(max(send_warps, 1), per_block - 1);
     unsigned* next_item = done + 1;
     if (entered) {
         __shared__ WarpTable tables[32];
-        if (w < send_warps && covered) {
+        if (w < send_warps) {
             extern __shared__ int4 rings[];  // send_warps x ring_vecs x 32 vectors (expert-major)
             send_back_rows<T>(peers, dm, y, weights, row_weights, unit_weights, recv_base, row_src, row_slots,
-                              exp_rows, side, side_mode, offsets != nullptr, rings + w * ring_vecs * 32, ring_vecs,
-                              &tables[w], blockIdx.x * send_warps + w, gridDim.x * send_warps);
+                              exp_rows, side, side_mode, offsets, rows_given, rings + w * ring_vecs * 32, ring_vecs,
+                              &tables[w], err, blockIdx.x * send_warps + w, gridDim.x * send_warps);
             EP_TRACE_WARP(kTraceCombineSentBack);
         }
         reduce_tokens<T>(dm, back, back_side, pos, num_tokens, out, out_side, true, next_item, &tables[w], 0,
