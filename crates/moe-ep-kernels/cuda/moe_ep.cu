@@ -1210,8 +1210,11 @@ extern "C" __global__ void __launch_bounds__(1024)
     // by the data flag raised below.
     const bool last = arrive_last(done, !lays_out);
     if (last) {
-        if (lays_out) reset_arrivals(dm, (dm.max_tokens + EP_CHUNK_TOKENS - 1) / EP_CHUNK_TOKENS, err);
-        if (!lays_out) signal_all(peers, dm, EP_SIG_DATA);
+        if (lays_out) {
+            reset_arrivals(dm, (dm.max_tokens + EP_CHUNK_TOKENS - 1) / EP_CHUNK_TOKENS, err);
+        } else {
+            signal_all(peers, dm, EP_SIG_DATA);
+        }
         __syncthreads();
         EP_TRACE_POINT(kTraceSendEnd);
     }
@@ -1726,7 +1729,7 @@ __device__ void combine(const EpPeers& peers, const EpDims& dm, const T* y, cons
     EP_TRACE_POINT(kTraceCombineStart);
     // Skipping the entry, nothing waits here: the sending warps check for an earlier failure
     // themselves (send_back_rows), and the reducing ones stop waiting on one.
-    const bool entered = skip_entry ? true : enter_call(peers, dm, -1, err);
+    const bool entered = skip_entry || enter_call(peers, dm, -1, err);
     EP_TRACE_POINT(kTraceCombineEntered);
     const int per_block = static_cast<int>(blockDim.x >> 5), w = static_cast<int>(threadIdx.x >> 5);
     send_warps = min(max(send_warps, 1), per_block - 1);
