@@ -5,7 +5,10 @@
 // a peer with a system-scope release store after its data, and the peer waits for it with acquire
 // loads, giving up after a deadline measured on %globaltimer and reporting which peer is missing.
 // Small messages (the dispatch's counts, a receive slot) carry the call number in each word
-// instead, so they need no flag after them.
+// instead, so they need no flag after them. Rows count themselves in, with releasing adds to
+// counters of the receiver's (in a token-major send, each block adds its rows per source; else
+// each warp per source and chunk of tokens), and the receiver waits until the counts it expects
+// are in, then zeroes the counters.
 //
 // Arithmetic follows docs/semantics.md to the bit: widen to f32, fmaf / plain adds in the stated
 // order from +0.0, one round-to-nearest-even at the end (the build passes -fmad=false so the
@@ -36,6 +39,10 @@ __device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
 
 __device__ __forceinline__ void red_add_release_sys(unsigned* p, unsigned v) {
     asm volatile("red.release.sys.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ void red_add_release_sys(uint64_t* p, uint64_t v) {
+    asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
 __device__ __forceinline__ unsigned ld_acquire_sys(const unsigned* p) {
@@ -102,9 +109,9 @@ enum EpTracePoint : int {
     kTraceSendStart,       // ep_dispatch_send, after the grids ahead of it
     kTraceSendEntered,     //   every rank entered (a replay; at once otherwise)
     kTraceSent,            //   each block: its warps' work done
-    kTraceSendEnd,         //   last block: data flag raised or counters reset
+    kTraceSendEnd,         //   last block: counters reset
     kTraceLayoutStart,     // ep_dispatch_send, token-major layout: each block, its rows out
-    kTraceLayoutFlags,     //   every rank's data flag seen
+    kTraceLayoutFlags,     //   every rank's rows in
     kTraceLayoutEnd,       //   each block done
     kTraceCombineStart,    // ep_combine, after the grids ahead of it
     kTraceCombineEntered,  //   every rank entered
@@ -173,16 +180,18 @@ __device__ __forceinline__ void follow_prior_grids() {
 }
 
 // This call's number, the same on every rank. A call's first kernel (dm.begins_call) sees the
-// counter still at the previous call and adds one; its last block stores the new value (see
-// commit_call) once every block has read it, so every later kernel of the call reads it as is. The
+// counter still at the previous call and adds one; its last block adds that one to the counter
+// (see commit_call) once every block has read it, so every later kernel of the call reads it as is. The
 // counter lives on the device, so a replayed CUDA graph numbers its calls anew.
 __device__ __forceinline__ uint64_t call_epoch(const EpDims& dm) {
     return *reinterpret_cast<const volatile uint64_t*>(dm.epoch_ptr) + static_cast<uint64_t>(dm.begins_call);
 }
 
-// One thread of the first kernel's last block, after every block of it has read call_epoch.
+// One thread of the first kernel's last block, after every block of it has read call_epoch. An
+// add rather than a store of call_epoch: it needs no load, so the kernel's end waits for no round
+// trip to memory.
 __device__ __forceinline__ void commit_call(const EpDims& dm) {
-    if (dm.begins_call) *reinterpret_cast<volatile uint64_t*>(dm.epoch_ptr) = call_epoch(dm);
+    if (dm.begins_call) atomicAdd(reinterpret_cast<unsigned long long*>(dm.epoch_ptr), 1ull);
 }
 
 __device__ __forceinline__ uint64_t* signal_slot(uint64_t base, int sig, int src) {
@@ -232,10 +241,11 @@ __device__ bool spin_until(Ready ready, const EpDims& dm, uint64_t deadline, boo
 
 // Zeroes this rank's arrival counters of chunks 0..chunks-1 from every rank, for the next call:
 // run by the last block of the kernel that waited for them all to be full, so no increment of
-// this call is still on its way. Not after a failure: the group is poisoned, and they stay as
-// they are.
-__device__ void reset_arrivals(const EpDims& dm, int chunks, const int* err) {
-    if (failed(err)) return;
+// this call is still on its way. After a failure too, without reading the error record (a round
+// trip to memory at the kernel's end): a call that fails on every rank alike (capacity) sends no
+// rows, and any other failure ends in a timeout, which poisons the group, so no later call reads
+// the counters.
+__device__ void reset_arrivals(const EpDims& dm, int chunks) {
     for (int i = threadIdx.x; i < dm.world * chunks; i += blockDim.x) {
         *arrival_counter(dm.my_signals, dm, i / chunks, i % chunks) = 0u;
     }
@@ -249,24 +259,61 @@ __device__ bool await_arrivals(const EpDims& dm, int from, int chunk, unsigned e
                       true, from, EP_SIG_DATA, err);
 }
 
-// Waits until this rank's flag `sig` from every rank reached this call's number; one thread per
-// peer. Returns false (the same in every thread of the block) on timeout, reporting the first
-// missing peer, or when the call already failed.
-__device__ bool wait_all(const EpDims& dm, int sig, int* err) {
+// Waits until `reached(s)` holds for every rank s, polling this rank's word `sig` from s (an
+// acquire load, passed to `reached`); one thread per peer. Returns false (the same in every thread
+// of the block) on timeout, reporting the first missing peer on `sig`, or once a poll saw the call
+// failed.
+template <typename Reached>
+__device__ bool wait_each_rank(const EpDims& dm, int sig, int* err, Reached reached) {
     __shared__ int gave_up;
     if (threadIdx.x == 0) gave_up = 0;
     __syncthreads();
     if (threadIdx.x < dm.world) {
-        const uint64_t* flag = signal_slot(dm.my_signals, sig, threadIdx.x);
-        const uint64_t epoch = call_epoch(dm);
-        if (!spin_until([&] { return ld_acquire_sys(flag) >= epoch; }, dm, global_timer_ns() + dm.timeout_ns, true,
-                        threadIdx.x, sig, err)) {
+        const int s = threadIdx.x;
+        const uint64_t* word = signal_slot(dm.my_signals, sig, s);
+        if (!spin_until([&] { return reached(s, ld_acquire_sys(word)); }, dm, global_timer_ns() + dm.timeout_ns,
+                        true, s, sig, err)) {
             gave_up = 1;
         }
     }
     __syncthreads();
-    const bool ok = !gave_up;
-    return block_ok(err) && ok;
+    return !gave_up;
+}
+
+// Waits until this rank's flag `sig` from every rank reached this call's number (see
+// wait_each_rank).
+__device__ bool flags_raised(const EpDims& dm, int sig, int* err) {
+    const uint64_t epoch = call_epoch(dm);
+    return wait_each_rank(dm, sig, err, [&](int, uint64_t flag) { return flag >= epoch; });
+}
+
+// A row counts this many units on its arrival counter, whatever the number of pieces it was sent
+// in (a power of two up to this).
+constexpr int kRowUnits = 8;
+
+// A row of a token-major send counts this many units on its destination's data counter (the
+// EP_SIG_DATA word of its source): kRowUnits for the payload, shared among its pieces, and
+// kRowUnits for the piece that carries the scales and metadata, whether or not there are any, so
+// the receiver's total does not depend on how the sender split its rows.
+constexpr unsigned kTokenRowUnits = 2 * kRowUnits;
+
+// Waits until every rank's rows of a token-major send are in this rank's staging buffers: its data
+// counter holds kTokenRowUnits per row recv_base gives it (see wait_each_rank). The counts are read
+// once the call is known not to have failed: a failed count exchange derived no recv_base. Once
+// every row is in, a failure reported later changes nothing that follows, so there is no check
+// after the wait (block_ok, a round trip to memory).
+__device__ bool wait_rows_in(const EpDims& dm, const int* recv_base, int* err) {
+    return wait_each_rank(dm, EP_SIG_DATA, err, [&](int s, uint64_t units) {
+        return !failed(err) && units >= static_cast<uint64_t>(recv_base[s + 1] - recv_base[s]) * kTokenRowUnits;
+    });
+}
+
+// Zeroes this rank's data counters for the next token-major send: run by the last block of the
+// kernel that waited for them, once every block has (so every row of this call is in). The next
+// send to this rank follows a count exchange or an entry, which this rank joins only once this
+// kernel is over. After a failure too, as reset_arrivals.
+__device__ void reset_data_counters(const EpDims& dm) {
+    if (threadIdx.x < dm.world) *signal_slot(dm.my_signals, EP_SIG_DATA, threadIdx.x) = 0;
 }
 
 // Raises flag `sig` of this rank on every peer (one thread per peer). With `release`, a peer
@@ -323,7 +370,7 @@ __device__ __forceinline__ int64_t slot_base(const EpPeers& peers, const EpDims&
 
 // Waits until every rank's receive-slot word in this rank's inbox is this call's; one thread per
 // peer. False (the same in every thread of the block) on timeout, reporting the first missing
-// peer as a missing EP_SIG_ENTER, or when the call already failed.
+// peer as a missing EP_SIG_ENTER, or once a poll saw the call failed.
 __device__ bool wait_slots(const EpPeers& peers, const EpDims& dm, int* err) {
     bool ok = true;
     if (threadIdx.x < dm.world) {
@@ -331,8 +378,7 @@ __device__ bool wait_slots(const EpPeers& peers, const EpDims& dm, int* err) {
         ok = await_inbox_word(dm, slot_word(peers, dm, dm.rank, threadIdx.x), threadIdx.x,
                               global_timer_ns() + dm.timeout_ns, err, &word);
     }
-    ok = __syncthreads_and(ok);
-    return block_ok(err) && ok;
+    return __syncthreads_and(ok);
 }
 
 // The start of a call that writes into peers' buffers without a count exchange first: block 0
@@ -341,6 +387,9 @@ __device__ bool wait_slots(const EpPeers& peers, const EpDims& dm, int* err) {
 // (`recv_slot` >= 0), the inbox word carrying it is the message, as in notify; without, the
 // EP_SIG_ENTER flag. Either is a relaxed store: it publishes no data, and this rank's reads of the
 // buffers peers will overwrite were in kernels ahead of this one, all complete (stream order).
+// True once every peer entered, also when the call failed before without a poll seeing it: what
+// follows checks for a failure itself (send_rows, send_back_rows, the waits), so the entry keeps
+// a round trip to memory (block_ok) off every call's start.
 __device__ bool enter_call(const EpPeers& peers, const EpDims& dm, int recv_slot, int* err) {
     if (recv_slot >= 0) {
         if (blockIdx.x == 0 && threadIdx.x < dm.world) {
@@ -349,7 +398,7 @@ __device__ bool enter_call(const EpPeers& peers, const EpDims& dm, int recv_slot
         return wait_slots(peers, dm, err);
     }
     if (blockIdx.x == 0) signal_all(peers, dm, EP_SIG_ENTER, false);
-    return wait_all(dm, EP_SIG_ENTER, err);
+    return flags_raised(dm, EP_SIG_ENTER, err);
 }
 
 // Called by every block at its end: true in the block that arrives last, once every block of the
@@ -370,15 +419,6 @@ __device__ bool arrive_last(unsigned* done, bool for_peers) {
     }
     __syncthreads();
     return last;
-}
-
-// The end of a data phase: the last block raises `sig` on every peer (when `raise`) and, in a
-// call's first kernel, stores the call number.
-__device__ void finish_phase(const EpPeers& peers, const EpDims& dm, unsigned* done, int sig, bool raise) {
-    if (!arrive_last(done, true)) return;
-    if (raise) signal_all(peers, dm, sig);
-    __syncthreads();
-    if (threadIdx.x == 0) commit_call(dm);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -761,10 +801,16 @@ extern "C" __global__ void __launch_bounds__(1024)
         return;
     }
     __shared__ int shared_ints[EP_RANK_SHARED_INTS];  // count_experts' histograms, then notify's inbox copy
+    // A call after a failure the host has not read yet exchanges nothing. The error record is
+    // loaded here and looked at after the counting, so its round trip overlaps it: nothing before
+    // the exchange fails the call but await_routes, which says so itself.
+    __shared__ int failed_before;
+    const bool failed_at_start = threadIdx.x == 0 && failed(err);
     count_experts(dm, topk, idx64, num_tokens, counts, slot_rank, shared_ints, rank_scratch, err);
+    if (threadIdx.x == 0) failed_before = failed_at_start;
     __syncthreads();
     EP_TRACE_POINT(kTraceCounted);
-    if (await_routes(dm, done, err) && block_ok(err)) {
+    if (await_routes(dm, done, err) && !failed_before) {
         notify(peers, dm, counts, expert_rank, local_experts, capacity, align, recv_slot, recv_base, my_base_on,
                out_per_src, out_per_expert, out_offsets, group_base, shared_ints, err);
     }
@@ -772,10 +818,6 @@ extern "C" __global__ void __launch_bounds__(1024)
     EP_TRACE_POINT(kTraceRouteEnd);
     if (threadIdx.x == 0) commit_call(dm);
 }
-
-// A row counts this many units on its arrival counter, whatever the number of pieces it was sent
-// in (a power of two up to this).
-constexpr int kRowUnits = 8;
 
 // Pieces per row when `items` rows go out over `warps` warps: with fewer rows than warps, a row's
 // copy is split (up to kRowUnits ways) so that idle warps take part and no warp walks a whole row
@@ -815,16 +857,18 @@ __device__ __forceinline__ void release_piece(unsigned* counter, int parts, int 
 // straight into the destination's staging buffers at the row the routing gave it, in the receive
 // slot the destination picked. Items (token, destination) go to warps in turn; with fewer items
 // than warps, a row goes out in pieces, a warp each (row_parts). The first piece carries the
-// scales and metadata, except where the data flag covers the row (not `count_arrivals`): there
-// they are a piece of their own, so that the metadata's chain of dependent loads runs beside the
+// scales and metadata, except where the whole row is counted at once (not `count_arrivals`):
+// there they are a piece of their own, so that the metadata's chain of dependent loads runs beside the
 // payload's copy instead of after it. When the destination lays rows out as they come
 // (`count_arrivals`), the warp then adds kRowUnits / parts to its arrival counter of the row's
-// chunk, with a system-scope release.
+// chunk, with a system-scope release. Otherwise (token-major) the units of its pieces add up per
+// destination (lane d keeping destination d's) into the block's tally `block_units`, which the
+// block then counts in on each destination (count_rows_in).
 __device__ void send_rows(const EpPeers& peers, const EpDims& dm, const uint8_t* x, const float* scales,
                           const void* topk, int idx64, const float* weights, const int* expert_rank,
                           const int* local_index, const int* pos, const int* my_base_on, const int* slot_rank,
-                          int num_tokens, int payload_only, bool count_arrivals, const int* err, int warp,
-                          int warps) {
+                          int num_tokens, int payload_only, bool count_arrivals, unsigned* block_units,
+                          const int* err, int warp, int warps) {
     const int lane = threadIdx.x & 31;
     // A call that failed before (a count exchange that timed out derived no bases) sends nothing.
     // The warp reads that beside its first item's loads rather than ahead of them.
@@ -837,6 +881,7 @@ __device__ void send_rows(const EpPeers& peers, const EpDims& dm, const uint8_t*
     const bool side_apart = parts > 1 && !count_arrivals && (!payload_only || (S > 0 && scales));
     const int pieces = parts + side_apart;
     const int side_part = side_apart ? parts : 0;
+    unsigned units = 0;  // lane d: the units this warp stored on destination d (token-major)
     for (int64_t piece = warp; piece < items * pieces; piece += warps) {
         const int64_t item = piece / pieces;
         const int part = static_cast<int>(piece - item * pieces);
@@ -871,7 +916,23 @@ __device__ void send_rows(const EpPeers& peers, const EpDims& dm, const uint8_t*
         }
         if (count_arrivals) {
             release_piece(arrival_counter(peers.signals[d], dm, dm.rank, p / EP_CHUNK_TOKENS), parts, lane);
+        } else if (lane == d) {
+            units += (part < parts ? kRowUnits / parts : 0) + (part == side_part ? kRowUnits : 0);
         }
+    }
+    if (units > 0) atomicAdd(&block_units[lane], units);
+}
+
+// Once every warp of the block stored its rows (token-major): adds the block's units of each
+// destination (`block_units`, see send_rows) to that destination's data counter of this rank, one
+// release per destination (wait_rows_in). One add per block and destination rather than per warp:
+// adds to one word queue up at its owner.
+__device__ void count_rows_in(const EpPeers& peers, const EpDims& dm, const unsigned* block_units) {
+    // The barrier orders every thread's stores before each releasing thread's add (cumulative).
+    __syncthreads();
+    const int d = threadIdx.x;
+    if (d < dm.world && block_units[d] > 0) {
+        red_add_release_sys(signal_slot(peers.signals[d], EP_SIG_DATA, dm.rank), uint64_t{block_units[d]});
     }
 }
 
@@ -1150,7 +1211,7 @@ __device__ void lay_out_token_rows(const EpDims& dm, const EpTokenLayout& tl, in
             out_src[2 * static_cast<int64_t>(rows) + i] = -1;
         }
     }
-    if (!wait_all(dm, EP_SIG_DATA, err)) return;
+    if (!wait_rows_in(dm, reinterpret_cast<const int*>(tl.recv_base), err)) return;
     EP_TRACE_POINT(kTraceLayoutFlags);
     for (int j = warp_id(); j < rows; j += warp_count()) {
         copy_staged_row(dm, reinterpret_cast<const uint8_t*>(tl.stage_x), reinterpret_cast<const float*>(tl.stage_scales),
@@ -1174,10 +1235,10 @@ __device__ void lay_out_token_rows(const EpDims& dm, const EpTokenLayout& tl, in
 // Sends every token once to each of its destination ranks (send_rows), one warp per (token,
 // destination) so every destination's link is busy at once. A replay begins its call
 // (dm.begins_call): it first publishes its own receive slot `recv_slot` and waits until every
-// rank entered. Token-major (ex.send_warps 0), every warp sends and the last block raises the data
-// flag on every peer; with tl.enabled, every block then lays out this rank's rows as they are all
-// in (lay_out_token_rows), in this kernel rather than one of its own, which would first wait for
-// this one to drain. Expert-major (ex.send_warps > 0), ex.send_warps warps of each block send and
+// rank entered. Token-major (ex.send_warps 0), every warp sends, counting its rows in on each
+// destination; with tl.enabled, every block then lays out this rank's rows as they are all in
+// (lay_out_token_rows), in this kernel rather than one of its own, which would first wait for this
+// one to drain, and the last block zeroes the counters. Expert-major (ex.send_warps > 0), ex.send_warps warps of each block send and
 // the others lay this rank's rows out as they arrive (expand_arrivals), each with `stage_bytes` of
 // the dynamic shared memory for its bulk copies ((32 - send_warps) x stage_bytes per block, a
 // multiple of 128 each); the last block then resets the arrival counters, all full by then.
@@ -1188,6 +1249,9 @@ extern "C" __global__ void __launch_bounds__(1024)
                      EpExpand ex, int stage_bytes, EpTokenLayout tl, unsigned* done, int* err) {
     follow_prior_grids();
     EP_TRACE_POINT(kTraceSendStart);
+    __shared__ unsigned block_units[EP_MAX_WORLD];  // token-major: this block's units per destination
+    if (threadIdx.x < EP_MAX_WORLD) block_units[threadIdx.x] = 0;
+    __syncthreads();
     // A replay's entry checks for an earlier failure; otherwise each warp does (send_rows, and
     // before the layout warps mark padding rows through bases that a failed call never derived).
     const bool go = dm.begins_call ? enter_call(peers, dm, recv_slot, err) : true;
@@ -1197,7 +1261,8 @@ extern "C" __global__ void __launch_bounds__(1024)
     const int send_warps = lays_out ? min(ex.send_warps, per_block - 1) : per_block;
     if (go && w < send_warps) {
         send_rows(peers, dm, x, scales, topk, idx64, weights, expert_rank, local_index, pos, my_base_on, slot_rank,
-                  num_tokens, payload_only, lays_out, err, blockIdx.x * send_warps + w, gridDim.x * send_warps);
+                  num_tokens, payload_only, lays_out, block_units, err, blockIdx.x * send_warps + w,
+                  gridDim.x * send_warps);
         EP_TRACE_WARP(kTraceSendWarpDone);
     } else if (go && !failed(err)) {
         const int layout_warps = per_block - send_warps;
@@ -1206,26 +1271,19 @@ extern "C" __global__ void __launch_bounds__(1024)
                         blockIdx.x * layout_warps + (w - send_warps), gridDim.x * layout_warps, err);
     }
     EP_TRACE_BLOCK(kTraceSent);
-    // Expert-major rows carry their own releases (count_arrivals); token-major ones are covered
-    // by the data flag raised below.
-    const bool last = arrive_last(done, !lays_out);
-    if (last) {
-        if (lays_out) {
-            reset_arrivals(dm, (dm.max_tokens + EP_CHUNK_TOKENS - 1) / EP_CHUNK_TOKENS, err);
-        } else {
-            signal_all(peers, dm, EP_SIG_DATA);
-        }
-        __syncthreads();
-        EP_TRACE_POINT(kTraceSendEnd);
-    }
+    // Expert-major rows went with their own releases; token-major ones are counted in per block.
+    // The last block to arrive resets the counters this rank waited on, if it waited here, and
+    // stores the call number once every block has read it.
+    if (!lays_out) count_rows_in(peers, dm, block_units);
+    if (tl.enabled) lay_out_token_rows(dm, tl, err);
+    if (!arrive_last(done, false)) return;
     if (tl.enabled) {
-        // The call number is stored once every block has read it for its wait (done[1] counts
-        // them; the combine's item counter, 0 between calls, and 0 again after this).
-        lay_out_token_rows(dm, tl, err);
-        if (!arrive_last(done + 1, false)) return;
-    } else if (!last) {
-        return;
+        reset_data_counters(dm);
+    } else if (lays_out) {
+        reset_arrivals(dm, (dm.max_tokens + EP_CHUNK_TOKENS - 1) / EP_CHUNK_TOKENS);
     }
+    __syncthreads();
+    EP_TRACE_POINT(kTraceSendEnd);
     if (threadIdx.x == 0) commit_call(dm);
 }
 
@@ -1715,10 +1773,10 @@ __device__ void reduce_tokens(const EpDims& dm, const T* back, const float* back
 // few rows handed back: this rank sends nothing, so the sources time out naming it rather than
 // reduce rows it never sent. The last block zeroes the item counter and this rank's arrival
 // counters for the next call: every counter is full by then (each chunk was waited for), so no
-// increment of this call is still on its way. After a failure the group is poisoned and they stay
-// as they are. Expert-major, each sending warp gathers its partials through a ring of ring_vecs x
-// 32 vectors in the dynamic shared memory (send_warps x ring_vecs x 512 bytes per block; ring_vecs
-// 0 without one).
+// increment of this call is still on its way (see reset_arrivals for a failed call).
+// Expert-major, each sending warp gathers its partials through a ring of ring_vecs x 32 vectors in
+// the dynamic shared memory (send_warps x ring_vecs x 512 bytes per block; ring_vecs 0 without
+// one).
 template <typename T>
 __device__ void combine(const EpPeers& peers, const EpDims& dm, const T* y, const float* weights,
                         const float* row_weights, int unit_weights, const int* recv_base, const int* row_src,
@@ -1753,7 +1811,7 @@ __device__ void combine(const EpPeers& peers, const EpDims& dm, const T* y, cons
     if (!arrive_last(done, false)) return;
     EP_TRACE_POINT(kTraceCombineEnd);
     if (threadIdx.x == 0) *next_item = 0u;
-    reset_arrivals(dm, (num_tokens + EP_CHUNK_TOKENS - 1) / EP_CHUNK_TOKENS, err);
+    reset_arrivals(dm, (num_tokens + EP_CHUNK_TOKENS - 1) / EP_CHUNK_TOKENS);
     __syncthreads();
     if (threadIdx.x == 0) commit_call(dm);
 }
@@ -1763,7 +1821,8 @@ __device__ void combine(const EpPeers& peers, const EpDims& dm, const T* y, cons
 template <typename T>
 __device__ void combine_reduce(const EpDims& dm, const T* back, const float* back_side, const int* pos,
                                int num_tokens, T* out, float* out_side, int sig, int* err) {
-    if (!wait_all(dm, sig, err)) return;
+    const bool raised = flags_raised(dm, sig, err);
+    if (!block_ok(err) || !raised) return;
     __shared__ WarpTable tables[32];
     reduce_tokens<T>(dm, back, back_side, pos, num_tokens, out, out_side, false, nullptr, &tables[threadIdx.x >> 5],
                      warp_id(), warp_count(), err);
@@ -1782,7 +1841,7 @@ __device__ void combine_backward_expert(const EpPeers& peers, const EpDims& dm, 
     const int lane = threadIdx.x & 31;
     const int K = dm.topk, H = dm.hidden;
     const int64_t stage_elems = dm.stage_row_bytes / static_cast<int64_t>(sizeof(T));
-    const bool arrived = wait_all(dm, EP_SIG_DATA, err);
+    const bool arrived = wait_rows_in(dm, recv_base, err);
     // As in combine_send: too few rows of y, and no flag goes up.
     const bool covered = !y || rows_cover(dm, recv_base, offsets, rows_given, err);
     // Only K floats per row cross the links here, so rows go in staged order.
@@ -1811,7 +1870,11 @@ __device__ void combine_backward_expert(const EpPeers& peers, const EpDims& dm, 
             }
         }
     }
-    if (y) finish_phase(peers, dm, done, EP_SIG_DATA2, covered);
+    // Every block waited: the last resets the data counters and, when side values went back
+    // (covered by its fence), raises the second data flag.
+    if (!arrive_last(done, y != nullptr)) return;
+    reset_data_counters(dm);
+    if (y && covered) signal_all(peers, dm, EP_SIG_DATA2);
 }
 
 #define EP_INSTANTIATE(SUFFIX, T)                                                                           \

@@ -5,9 +5,11 @@
 
 #define EP_MAX_WORLD 16
 
-// Flags each rank keeps, one u64 per (flag, source rank), holding the epoch last raised.
+// Flags each rank keeps, one u64 per (flag, source rank), holding the epoch last raised; except
+// EP_SIG_DATA, a counter.
 #define EP_SIG_ENTER 0  // a rank entered the call (dispatch: its counts are in the inbox)
-#define EP_SIG_DATA 1   // a rank's rows of this call are in the receiver's buffers
+#define EP_SIG_DATA 1   // the units of the rows a rank stored here in the running token-major send
+                        // (kTokenRowUnits per row in moe_ep.cu), zeroed by the kernel that waited
 #define EP_SIG_DATA2 2  // the second data phase of a call (combine_backward's weight gradients)
 #define EP_NUM_SIGNALS 3
 
