@@ -1186,8 +1186,11 @@ __device__ bool expand_arrivals(const EpDims& dm, const EpExpand& ex, uint8_t* r
 // out (the payload only when tl.out_x: an output that is the slot itself needs no copy), with
 // their metadata unless tl.payload_only. Also keeps, for the handle, each row's (source, token)
 // and local slot ids, and first marks the output rows past the valid ones (src and topk_idx -1,
-// weights 0; their payload is unspecified). One warp per row.
-__device__ void lay_out_token_rows(const EpDims& dm, const EpTokenLayout& tl, int* err) {
+// weights 0; their payload is unspecified). One warp per row. Past the wait, warp 0 arrives on
+// `done` for the block and, in the block that arrives last, ends the kernel's part of the call
+// (zeroes the data counters, stores the call number) while the other warps copy: every block is
+// past its wait by then, and nothing after it reads the counters or the call number.
+__device__ void lay_out_token_rows(const EpDims& dm, const EpTokenLayout& tl, unsigned* done, int* err) {
     EP_TRACE_POINT(kTraceLayoutStart);
     const int lane = threadIdx.x & 31;
     const int K = dm.topk;
@@ -1211,9 +1214,24 @@ __device__ void lay_out_token_rows(const EpDims& dm, const EpTokenLayout& tl, in
             out_src[2 * static_cast<int64_t>(rows) + i] = -1;
         }
     }
-    if (!wait_rows_in(dm, reinterpret_cast<const int*>(tl.recv_base), err)) return;
+    const bool all_in = wait_rows_in(dm, reinterpret_cast<const int*>(tl.recv_base), err);
     EP_TRACE_POINT(kTraceLayoutFlags);
-    for (int j = warp_id(); j < rows; j += warp_count()) {
+    const int per_block = static_cast<int>(blockDim.x >> 5), w = static_cast<int>(threadIdx.x >> 5);
+    if (w == 0) {
+        unsigned last = 0;
+        if (lane == 0) last = atom_add_acq_rel_gpu(done, 1u) == gridDim.x - 1;
+        if (__shfl_sync(0xffffffffu, last, 0)) {
+            reset_data_counters(dm);
+            if (lane == 0) {
+                *done = 0;
+                commit_call(dm);
+            }
+            EP_TRACE_POINT(kTraceSendEnd);
+        }
+    }
+    // Warps 1.. copy (warp 0 too in a block of one warp).
+    const int copiers = max(per_block - 1, 1), copier = per_block > 1 ? w - 1 : w;
+    for (int j = blockIdx.x * copiers + copier; all_in && copier >= 0 && j < rows; j += gridDim.x * copiers) {
         copy_staged_row(dm, reinterpret_cast<const uint8_t*>(tl.stage_x), reinterpret_cast<const float*>(tl.stage_scales),
                         j, tl.out_row_bytes, reinterpret_cast<uint8_t*>(tl.out_x),
                         reinterpret_cast<float*>(tl.out_scales), j, lane);
@@ -1275,13 +1293,12 @@ extern "C" __global__ void __launch_bounds__(1024)
     // The last block to arrive resets the counters this rank waited on, if it waited here, and
     // stores the call number once every block has read it.
     if (!lays_out) count_rows_in(peers, dm, block_units);
-    if (tl.enabled) lay_out_token_rows(dm, tl, err);
-    if (!arrive_last(done, false)) return;
     if (tl.enabled) {
-        reset_data_counters(dm);
-    } else if (lays_out) {
-        reset_arrivals(dm, (dm.max_tokens + EP_CHUNK_TOKENS - 1) / EP_CHUNK_TOKENS);
+        lay_out_token_rows(dm, tl, done, err);
+        return;
     }
+    if (!arrive_last(done, false)) return;
+    if (lays_out) reset_arrivals(dm, (dm.max_tokens + EP_CHUNK_TOKENS - 1) / EP_CHUNK_TOKENS);
     __syncthreads();
     EP_TRACE_POINT(kTraceSendEnd);
     if (threadIdx.x == 0) commit_call(dm);
