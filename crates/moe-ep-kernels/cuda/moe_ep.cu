@@ -1725,15 +1725,18 @@ __device__ void reduce_tokens(const EpDims& dm, const T* back, const float* back
         }
         if (item >= items) break;
         const int t = item / parts, part = item % parts;
+        // The token's row on each destination, loaded before the wait below: after it, the
+        // acquire has emptied L1 and the load would be one more round trip once the chunk is in.
+        const int row_on = lane < dm.world ? pos[static_cast<int64_t>(t) * dm.world + lane] : -1;
         if (per_chunk && t / EP_CHUNK_TOKENS != ready_chunk) {
             if (!wait_chunk(dm, pos, num_tokens, t / EP_CHUNK_TOKENS, err)) return;
             ready_chunk = t / EP_CHUNK_TOKENS;
             EP_TRACE_WARP(kTraceCombineChunkIn);
         }
         const int begin = part * per_part, end = min(units, begin + per_part);
-        // The token's row on each destination, into the warp's table (read in the inner loops).
+        // Into the warp's table (read in the inner loops).
         __syncwarp();
-        if (lane < dm.world) table->row[lane] = pos[static_cast<int64_t>(t) * dm.world + lane];
+        if (lane < dm.world) table->row[lane] = row_on;
         __syncwarp();
         const int* p = table->row;
         const auto back_row = [&](int d) { return back + (static_cast<int64_t>(d) * dm.max_tokens + p[d]) * H; };
