@@ -181,8 +181,8 @@ __device__ __forceinline__ void follow_prior_grids() {
 
 // This call's number, the same on every rank. A call's first kernel (dm.begins_call) sees the
 // counter still at the previous call and adds one; its last block adds that one to the counter
-// (see commit_call) once every block has read it, so every later kernel of the call reads it as is. The
-// counter lives on the device, so a replayed CUDA graph numbers its calls anew.
+// (see commit_call) once every block has read it, so every later kernel of the call reads it as
+// is. The counter lives on the device, so a replayed CUDA graph numbers its calls anew.
 __device__ __forceinline__ uint64_t call_epoch(const EpDims& dm) {
     return *reinterpret_cast<const volatile uint64_t*>(dm.epoch_ptr) + static_cast<uint64_t>(dm.begins_call);
 }
@@ -858,8 +858,8 @@ __device__ __forceinline__ void release_piece(unsigned* counter, int parts, int 
 // slot the destination picked. Items (token, destination) go to warps in turn; with fewer items
 // than warps, a row goes out in pieces, a warp each (row_parts). The first piece carries the
 // scales and metadata, except where the whole row is counted at once (not `count_arrivals`):
-// there they are a piece of their own, so that the metadata's chain of dependent loads runs beside the
-// payload's copy instead of after it. When the destination lays rows out as they come
+// there they are a piece of their own, so that the metadata's chain of dependent loads runs
+// beside the payload's copy instead of after it. When the destination lays rows out as they come
 // (`count_arrivals`), the warp then adds kRowUnits / parts to its arrival counter of the row's
 // chunk, with a system-scope release. Otherwise (token-major) the units of its pieces add up per
 // destination (lane d keeping destination d's) into the block's tally `block_units`, which the
@@ -1253,13 +1253,14 @@ __device__ void lay_out_token_rows(const EpDims& dm, const EpTokenLayout& tl, un
 // Sends every token once to each of its destination ranks (send_rows), one warp per (token,
 // destination) so every destination's link is busy at once. A replay begins its call
 // (dm.begins_call): it first publishes its own receive slot `recv_slot` and waits until every
-// rank entered. Token-major (ex.send_warps 0), every warp sends, counting its rows in on each
-// destination; with tl.enabled, every block then lays out this rank's rows as they are all in
-// (lay_out_token_rows), in this kernel rather than one of its own, which would first wait for this
-// one to drain, and the last block zeroes the counters. Expert-major (ex.send_warps > 0), ex.send_warps warps of each block send and
-// the others lay this rank's rows out as they arrive (expand_arrivals), each with `stage_bytes` of
-// the dynamic shared memory for its bulk copies ((32 - send_warps) x stage_bytes per block, a
-// multiple of 128 each); the last block then resets the arrival counters, all full by then.
+// rank entered. Token-major (ex.send_warps 0), every warp sends and each block counts its rows in
+// on every destination (count_rows_in); with tl.enabled, every block then lays out this rank's
+// rows as they are all in (lay_out_token_rows), in this kernel rather than one of its own, which
+// would first wait for this one to drain. Expert-major (ex.send_warps > 0), ex.send_warps warps of
+// each block send and the others lay this rank's rows out as they arrive (expand_arrivals), each
+// with `stage_bytes` of the dynamic shared memory for its bulk copies ((32 - send_warps) x
+// stage_bytes per block, a multiple of 128 each); the last block then resets the arrival
+// counters, all full by then.
 extern "C" __global__ void __launch_bounds__(1024)
     ep_dispatch_send(EpPeers peers, EpDims dm, const uint8_t* x, const float* scales, const void* topk, int idx64,
                      const float* weights, const int* expert_rank, const int* local_index, const int* pos,
@@ -1290,8 +1291,8 @@ extern "C" __global__ void __launch_bounds__(1024)
     }
     EP_TRACE_BLOCK(kTraceSent);
     // Expert-major rows went with their own releases; token-major ones are counted in per block.
-    // The last block to arrive resets the counters this rank waited on, if it waited here, and
-    // stores the call number once every block has read it.
+    // The last block to arrive (with tl.enabled, see lay_out_token_rows) zeroes the counters this
+    // rank waited on here, and stores the call number once every block has read it.
     if (!lays_out) count_rows_in(peers, dm, block_units);
     if (tl.enabled) {
         lay_out_token_rows(dm, tl, done, err);
