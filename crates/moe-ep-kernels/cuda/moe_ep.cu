@@ -259,20 +259,21 @@ __device__ bool await_arrivals(const EpDims& dm, int from, int chunk, unsigned e
                       true, from, EP_SIG_DATA, err);
 }
 
-// Waits until `reached(s)` holds for every rank s, polling this rank's word `sig` from s (an
-// acquire load, passed to `reached`); one thread per peer. Returns false (the same in every thread
-// of the block) on timeout, reporting the first missing peer on `sig`, or once a poll saw the call
-// failed.
-template <typename Reached>
-__device__ bool wait_each_rank(const EpDims& dm, int sig, int* err, Reached reached) {
+// Waits until this rank's word `sig` from every rank s reaches `at_least(s)` (worked out once,
+// before the polls, each of which is then one acquire load); one thread per peer. Returns false
+// (the same in every thread of the block) on timeout, reporting the first missing peer on `sig`, or
+// once a poll saw the call failed.
+template <typename AtLeast>
+__device__ bool wait_each_rank(const EpDims& dm, int sig, int* err, AtLeast at_least) {
     __shared__ int gave_up;
     if (threadIdx.x == 0) gave_up = 0;
     __syncthreads();
     if (threadIdx.x < dm.world) {
         const int s = threadIdx.x;
         const uint64_t* word = signal_slot(dm.my_signals, sig, s);
-        if (!spin_until([&] { return reached(s, ld_acquire_sys(word)); }, dm, global_timer_ns() + dm.timeout_ns,
-                        true, s, sig, err)) {
+        const uint64_t target = at_least(s);
+        if (!spin_until([&] { return ld_acquire_sys(word) >= target; }, dm, global_timer_ns() + dm.timeout_ns, true,
+                        s, sig, err)) {
             gave_up = 1;
         }
     }
@@ -284,7 +285,7 @@ __device__ bool wait_each_rank(const EpDims& dm, int sig, int* err, Reached reac
 // wait_each_rank).
 __device__ bool flags_raised(const EpDims& dm, int sig, int* err) {
     const uint64_t epoch = call_epoch(dm);
-    return wait_each_rank(dm, sig, err, [&](int, uint64_t flag) { return flag >= epoch; });
+    return wait_each_rank(dm, sig, err, [&](int) { return epoch; });
 }
 
 // A row counts this many units on its arrival counter, whatever the number of pieces it was sent
@@ -298,13 +299,15 @@ constexpr int kRowUnits = 8;
 constexpr unsigned kTokenRowUnits = 2 * kRowUnits;
 
 // Waits until every rank's rows of a token-major send are in this rank's staging buffers: its data
-// counter holds kTokenRowUnits per row recv_base gives it (see wait_each_rank). The counts are read
-// once the call is known not to have failed: a failed count exchange derived no recv_base. Once
-// every row is in, a failure reported later changes nothing that follows, so there is no check
-// after the wait (block_ok, a round trip to memory).
+// counter holds kTokenRowUnits per row recv_base gives it (see wait_each_rank). A call that failed
+// before (a count exchange that timed out derived no recv_base) waits for a count no counter
+// reaches, so the polls stop on the failure. recv_base comes from a kernel ahead of this one, so a
+// failure during this one leaves it as it is. Once every row is in, a failure reported later
+// changes nothing that follows, so there is no check after the wait (block_ok, a round trip to
+// memory).
 __device__ bool wait_rows_in(const EpDims& dm, const int* recv_base, int* err) {
-    return wait_each_rank(dm, EP_SIG_DATA, err, [&](int s, uint64_t units) {
-        return !failed(err) && units >= static_cast<uint64_t>(recv_base[s + 1] - recv_base[s]) * kTokenRowUnits;
+    return wait_each_rank(dm, EP_SIG_DATA, err, [&](int s) {
+        return failed(err) ? ~uint64_t{0} : static_cast<uint64_t>(recv_base[s + 1] - recv_base[s]) * kTokenRowUnits;
     });
 }
 
@@ -401,6 +404,15 @@ __device__ bool enter_call(const EpPeers& peers, const EpDims& dm, int recv_slot
     return flags_raised(dm, EP_SIG_ENTER, err);
 }
 
+// One thread counts its block in on `done`: true in the block that arrives last, which also
+// returns `done` to 0 for the next launch. The add releases the block's stores (what the thread
+// saw of them) at GPU scope and acquires every earlier block's.
+__device__ __forceinline__ bool count_block_in(unsigned* done) {
+    const bool last = atom_add_acq_rel_gpu(done, 1u) == gridDim.x - 1;
+    if (last) *done = 0;
+    return last;
+}
+
 // Called by every block at its end: true in the block that arrives last, once every block of the
 // grid is done. With `for_peers`, every block's stores are then visible to peers, so a flag raised
 // after this covers them; without, only to this GPU (where nothing raised later covers remote
@@ -414,8 +426,7 @@ __device__ bool arrive_last(unsigned* done, bool for_peers) {
         // releasing add (this GPU), both cumulative: one covers them all. The add also acquires
         // every earlier block's stores, for the last block to pass on.
         if (for_peers) fence_release_sys();
-        last = atom_add_acq_rel_gpu(done, 1u) == gridDim.x - 1;
-        if (last) *done = 0;
+        last = count_block_in(done);
     }
     __syncthreads();
     return last;
@@ -1219,13 +1230,10 @@ __device__ void lay_out_token_rows(const EpDims& dm, const EpTokenLayout& tl, un
     const int per_block = static_cast<int>(blockDim.x >> 5), w = static_cast<int>(threadIdx.x >> 5);
     if (w == 0) {
         unsigned last = 0;
-        if (lane == 0) last = atom_add_acq_rel_gpu(done, 1u) == gridDim.x - 1;
+        if (lane == 0) last = count_block_in(done);
         if (__shfl_sync(0xffffffffu, last, 0)) {
             reset_data_counters(dm);
-            if (lane == 0) {
-                *done = 0;
-                commit_call(dm);
-            }
+            if (lane == 0) commit_call(dm);
             EP_TRACE_POINT(kTraceSendEnd);
         }
     }
