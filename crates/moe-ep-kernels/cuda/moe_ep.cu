@@ -1192,6 +1192,49 @@ __device__ bool expand_arrivals(const EpDims& dm, const EpExpand& ex, uint8_t* r
     return !failed(err);
 }
 
+// The token-major layout's metadata of staged rows [0, rows) (records of EP_META_INTS(K) ints:
+// source rank and token, K local slot ids, K weights): out_src and row_src get the pair, out_topk
+// and row_slots the slot ids, out_weights (when given) the weights. Flat over (row, field) among
+// the threads first, first + stride, ..., each with kMetaLoads records' loads in flight: a warp per
+// row walked its rows one round trip after another (25 us at T = 4096 on 4 GPUs, where a warp had
+// 20 rows). The records came from peers, so they are read past L1.
+constexpr int kMetaLoads = 4;
+
+__device__ void copy_row_meta(const EpTokenLayout& tl, int rows, int K, int first, int stride) {
+    // Each pointer is read from the kernel's parameters where it is used, not held in a register.
+    const auto* stage_meta = reinterpret_cast<const int*>(tl.stage_meta);
+    auto* out_src = reinterpret_cast<int*>(tl.out_src);
+    auto* row_src = reinterpret_cast<int*>(tl.row_src);
+    auto* out_topk = reinterpret_cast<int*>(tl.out_topk);
+    auto* row_slots = reinterpret_cast<int*>(tl.row_slots);
+    auto* out_weights = reinterpret_cast<float*>(tl.out_weights);
+    const int fields = 2 + K, n = rows * fields;
+    for (int i0 = first; i0 < n; i0 += kMetaLoads * stride) {
+        int value[kMetaLoads], weight[kMetaLoads];
+#pragma unroll
+        for (int u = 0; u < kMetaLoads; ++u) {
+            const int i = i0 + u * stride, j = i / fields, f = i - j * fields;
+            const int* meta = stage_meta + static_cast<int64_t>(j) * EP_META_INTS(K);
+            if (i < n) value[u] = __ldcg(meta + f);
+            if (i < n && f >= 2 && out_weights) weight[u] = __ldcg(meta + K + f);  // meta[2 + K + k]
+        }
+#pragma unroll
+        for (int u = 0; u < kMetaLoads; ++u) {
+            const int i = i0 + u * stride, j = i / fields, f = i - j * fields;
+            if (i >= n) break;
+            if (f < 2) {
+                out_src[2 * j + f] = value[u];
+                row_src[2 * j + f] = value[u];
+            } else {
+                const int64_t at = static_cast<int64_t>(j) * K + (f - 2);
+                out_topk[at] = value[u];
+                row_slots[at] = value[u];
+                if (out_weights) out_weights[at] = __int_as_float(weight[u]);
+            }
+        }
+    }
+}
+
 // Token-major layout, by every warp of a grid once its own rows are out: waits for every rank's
 // rows, which are staged (in this call's receive slot) in (source, token) order, and copies them
 // out (the payload only when tl.out_x: an output that is the slot itself needs no copy), with
@@ -1205,17 +1248,14 @@ __device__ void lay_out_token_rows(const EpDims& dm, const EpTokenLayout& tl, un
     EP_TRACE_POINT(kTraceLayoutStart);
     const int lane = threadIdx.x & 31;
     const int K = dm.topk;
-    const auto* stage_meta = reinterpret_cast<const int*>(tl.stage_meta);
-    auto* out_topk = reinterpret_cast<int*>(tl.out_topk);
-    auto* out_weights = reinterpret_cast<float*>(tl.out_weights);
-    auto* out_src = reinterpret_cast<int*>(tl.out_src);
-    auto* row_src = reinterpret_cast<int*>(tl.row_src);
-    auto* row_slots = reinterpret_cast<int*>(tl.row_slots);
     // A call that failed before (a count exchange timed out) derived no recv_base: it marks
     // nothing and stops at the wait below.
     const int rows = failed(err) ? tl.out_rows : reinterpret_cast<const int*>(tl.recv_base)[dm.world];
     if (!tl.payload_only) {
         // The rows past the valid ones take nothing from the peers: marked while the last rows travel.
+        auto* out_topk = reinterpret_cast<int*>(tl.out_topk);
+        auto* out_weights = reinterpret_cast<float*>(tl.out_weights);
+        auto* out_src = reinterpret_cast<int*>(tl.out_src);
         const int64_t unused = max(int64_t{0}, static_cast<int64_t>(tl.out_rows) - rows);
         for (int64_t i = thread_id(); i < unused * K; i += thread_count()) {
             out_topk[static_cast<int64_t>(rows) * K + i] = -1;
@@ -1237,23 +1277,18 @@ __device__ void lay_out_token_rows(const EpDims& dm, const EpTokenLayout& tl, un
             EP_TRACE_POINT(kTraceSendEnd);
         }
     }
-    // Warps 1.. copy (warp 0 too in a block of one warp).
+    // Warps 1.. copy (warp 0 too in a block of one warp): payload and scales a warp per row, then
+    // the metadata flat among their threads.
     const int copiers = max(per_block - 1, 1), copier = per_block > 1 ? w - 1 : w;
-    for (int j = blockIdx.x * copiers + copier; all_in && copier >= 0 && j < rows; j += gridDim.x * copiers) {
+    const bool copies = all_in && copier >= 0;
+    for (int j = blockIdx.x * copiers + copier; copies && (tl.out_x || tl.out_scales) && j < rows;
+         j += gridDim.x * copiers) {
         copy_staged_row(dm, reinterpret_cast<const uint8_t*>(tl.stage_x), reinterpret_cast<const float*>(tl.stage_scales),
                         j, tl.out_row_bytes, reinterpret_cast<uint8_t*>(tl.out_x),
                         reinterpret_cast<float*>(tl.out_scales), j, lane);
-        if (tl.payload_only) continue;
-        const int* meta = stage_meta + static_cast<int64_t>(j) * EP_META_INTS(K);
-        if (lane < 2) {
-            out_src[2 * j + lane] = meta[lane];
-            row_src[2 * j + lane] = meta[lane];
-        }
-        for (int k = lane; k < K; k += 32) {
-            out_topk[static_cast<int64_t>(j) * K + k] = meta[2 + k];
-            row_slots[static_cast<int64_t>(j) * K + k] = meta[2 + k];
-            if (out_weights) out_weights[static_cast<int64_t>(j) * K + k] = __int_as_float(meta[2 + K + k]);
-        }
+    }
+    if (copies && !tl.payload_only) {
+        copy_row_meta(tl, rows, K, (blockIdx.x * copiers + copier) * 32 + lane, gridDim.x * copiers * 32);
     }
     EP_TRACE_BLOCK(kTraceLayoutEnd);
 }
