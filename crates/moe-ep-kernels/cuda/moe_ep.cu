@@ -1240,10 +1240,11 @@ __device__ void copy_row_meta(const EpTokenLayout& tl, int rows, int K, int firs
 // out (the payload only when tl.out_x: an output that is the slot itself needs no copy), with
 // their metadata unless tl.payload_only. Also keeps, for the handle, each row's (source, token)
 // and local slot ids, and first marks the output rows past the valid ones (src and topk_idx -1,
-// weights 0; their payload is unspecified). One warp per row. Past the wait, warp 0 arrives on
-// `done` for the block and, in the block that arrives last, ends the kernel's part of the call
-// (zeroes the data counters, stores the call number) while the other warps copy: every block is
-// past its wait by then, and nothing after it reads the counters or the call number.
+// weights 0; their payload is unspecified). Payload and scales go a warp per row, the metadata
+// flat among the threads (copy_row_meta). Past the wait, warp 0 arrives on `done` for the block
+// and, in the block that arrives last, ends the kernel's part of the call (zeroes the data
+// counters, stores the call number) while the other warps copy: every block is past its wait by
+// then, and nothing after it reads the counters or the call number.
 __device__ void lay_out_token_rows(const EpDims& dm, const EpTokenLayout& tl, unsigned* done, int* err) {
     EP_TRACE_POINT(kTraceLayoutStart);
     const int lane = threadIdx.x & 31;
