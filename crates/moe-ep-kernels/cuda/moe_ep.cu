@@ -795,9 +795,9 @@ __device__ void notify(const EpPeers& peers, const EpDims& dm, const int* counts
 // A dispatch's first kernel, world + 1 blocks: routing in blocks 0..world-1 (see route_block);
 // block `world` counts (and, expert-major, ranks) the slots of each expert (count_experts), then
 // exchanges the counts once the route blocks' are in (see notify), which also publishes this
-// rank's receive slot, and stores the call number (no other block reads it). Expert-major, also
-// each slot's rank in its expert (slot_rank [T * K]; rank_scratch int [32][E] past
-// EP_RANK_SHARED_INTS experts) and group_base. `done` counts the route blocks done.
+// rank's receive slot, and commits the call number (commit_call; no other block reads it).
+// Expert-major, also each slot's rank in its expert (slot_rank [T * K]; rank_scratch int [32][E]
+// past EP_RANK_SHARED_INTS experts) and group_base. `done` counts the route blocks done.
 extern "C" __global__ void __launch_bounds__(1024)
     ep_route_notify(EpPeers peers, EpDims dm, const void* topk, int idx64, int num_tokens, const int* expert_rank,
                     const int* local_experts, const int* capacity, int align, int recv_slot, int* pos,
@@ -1201,7 +1201,6 @@ __device__ bool expand_arrivals(const EpDims& dm, const EpExpand& ex, uint8_t* r
 constexpr int kMetaLoads = 4;
 
 __device__ void copy_row_meta(const EpTokenLayout& tl, int rows, int K, int first, int stride) {
-    // Each pointer is read from the kernel's parameters where it is used, not held in a register.
     const auto* stage_meta = reinterpret_cast<const int*>(tl.stage_meta);
     auto* out_src = reinterpret_cast<int*>(tl.out_src);
     auto* row_src = reinterpret_cast<int*>(tl.row_src);
@@ -1243,7 +1242,7 @@ __device__ void copy_row_meta(const EpTokenLayout& tl, int rows, int K, int firs
 // weights 0; their payload is unspecified). Payload and scales go a warp per row, the metadata
 // flat among the threads (copy_row_meta). Past the wait, warp 0 arrives on `done` for the block
 // and, in the block that arrives last, ends the kernel's part of the call (zeroes the data
-// counters, stores the call number) while the other warps copy: every block is past its wait by
+// counters, commits the call number) while the other warps copy: every block is past its wait by
 // then, and nothing after it reads the counters or the call number.
 __device__ void lay_out_token_rows(const EpDims& dm, const EpTokenLayout& tl, unsigned* done, int* err) {
     EP_TRACE_POINT(kTraceLayoutStart);
@@ -1336,7 +1335,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     EP_TRACE_BLOCK(kTraceSent);
     // Expert-major rows went with their own releases; token-major ones are counted in per block.
     // The last block to arrive (with tl.enabled, see lay_out_token_rows) zeroes the counters this
-    // rank waited on here, and stores the call number once every block has read it.
+    // rank waited on here, and commits the call number once every block has read it.
     if (!lays_out) count_rows_in(peers, dm, block_units);
     if (tl.enabled) {
         lay_out_token_rows(dm, tl, done, err);
