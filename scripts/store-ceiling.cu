@@ -9,6 +9,7 @@
 //   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a scripts/store-ceiling.cu -o /tmp/sc && /tmp/sc
 //   /tmp/sc 128   # tokens per rank (default 4096): the bytes of that T's dispatch
 //   /tmp/sc 4096 layouts   # the dispatch's copies inside each GPU too, by layout (below)
+//   /tmp/sc 128 protocol   # the least a whole call must do at T, timed as a caller does (see protocol_call)
 // Prints one line per (path, blocks, warps): the median over 20 runs of the slowest GPU's time,
 // start to stop event around the one kernel. The `none` row launches the same kernel with no
 // items: what a call of this kind costs before any byte moves.
@@ -192,12 +193,255 @@ __global__ void __launch_bounds__(1024) tma_path(Peers p, int n, int rank, const
     asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 
+// ------------------------------------------------------------------------------------------------
+// `protocol`: the least a whole call must do at T, as a caller times it (`moe-ep bench --start
+// held`): every GPU's stream is held until the host queued everything, a barrier kernel lines the
+// GPUs up, and the start event sits between it and one kernel that does only what the call's
+// protocol needs, with the token-major rows of `layouts`:
+//   exchange:  block 0 stores this rank's count to every rank (the word carries the call number,
+//              as moe-ep's inbox does) and every block waits for every rank's;
+//   rows:      the remote rows and this rank's own rows, as warp_path copies them;
+//   completion: each block adds 1 to each destination's counter of this rank (red.release.sys,
+//              after the block's barrier) and waits until every source's blocks counted in here;
+//   reduce:    then every warp sums its share of the received rows per token (bf16 in f32) into T
+//              output rows (each token's rows only once all rows are in: moe-ep's reduce starts
+//              on each chunk as it completes, so this is no floor for it, only a reference).
+// A dispatch needs the exchange before its rows (where a row lands depends on every lower rank's
+// count), rows and completion; a combine right after a token-major dispatch needs rows,
+// completion and the reduce. Routing, metadata and layout are left out, so these are floors.
+struct Signals {
+    uint64_t* inbox[kMaxGpus];     // [kMaxGpus] words per GPU: rank s's count, call number above
+    uint64_t* barrier[kMaxGpus];   // [kMaxGpus] per GPU: rank s's last barrier call number
+    unsigned* counters[kMaxGpus];  // [kMaxGpus] per GPU: blocks of rank s counted in, all calls
+};
+
+enum ProtocolStep : unsigned { kExchange = 1, kRows = 2, kCompletion = 4, kReduce = 8 };
+
+constexpr uint64_t kSpinTimeoutNs = 2000000000ull;  // 2 s: a lost peer fails the case, never hangs
+
+__device__ __forceinline__ uint64_t global_ns() {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+// Spins until ready() or the deadline; false (and *failed set) on timeout.
+template <typename Ready>
+__device__ bool spin(Ready ready, int* failed) {
+    const uint64_t deadline = global_ns() + kSpinTimeoutNs;
+    while (!ready()) {
+        if (global_ns() > deadline) {
+            atomicExch(failed, 1);
+            return false;
+        }
+    }
+    return true;
+}
+
+__device__ __forceinline__ uint64_t ld_acquire_u64(const uint64_t* p) {
+    uint64_t v;
+    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ uint64_t ld_relaxed_u64(const uint64_t* p) {
+    uint64_t v;
+    asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ unsigned ld_acquire_u32(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+// Holds the stream until the host raises the gate to `value` (mapped host memory).
+__global__ void hold(const volatile unsigned* gate, unsigned value, int* failed) {
+    spin([&] { return *gate >= value; }, failed);
+}
+
+// Every rank's barrier word here reaches `call` once every rank launched this: one thread per rank.
+__global__ void line_up(Signals sig, int n, int rank, uint64_t call, int* failed) {
+    const int r = threadIdx.x;
+    if (r >= n) return;
+    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(sig.barrier[r] + rank), "l"(call) : "memory");
+    spin([&] { return ld_acquire_u64(sig.barrier[rank] + r) >= call; }, failed);
+}
+
+__global__ void __launch_bounds__(1024)
+    protocol_call(Peers p, Signals sig, int n, int rank, unsigned steps, uint64_t call, const uint8_t* src,
+                  int64_t items, int64_t rows_per_peer, int64_t row, LocalCopies l, int64_t tokens,
+                  uint8_t* out, int* failed) {
+    const int lane = threadIdx.x & 31;
+    if (steps & kExchange) {
+        const uint64_t word = (call << 32) | static_cast<uint64_t>(items / (n - 1));
+        if (blockIdx.x == 0 && threadIdx.x < n)
+            asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(sig.inbox[threadIdx.x] + rank), "l"(word)
+                         : "memory");
+        if (threadIdx.x < n)
+            spin([&] { return ld_relaxed_u64(sig.inbox[rank] + threadIdx.x) >> 32 == call; }, failed);
+        __syncthreads();
+    }
+    if (steps & kRows) {
+        const int64_t local = l.own, total = items + local;
+        for (int64_t i = warp_global(); i < total; i += warps_total()) {
+            const int64_t local_before = i * local / total;
+            if ((i + 1) * local / total > local_before) {
+                local_copy(l, local_before, row, lane);
+                continue;
+            }
+            const int64_t r = i - local_before;
+            warp_copy_row(reinterpret_cast<int4*>(item_dst(p, n, rank, r, rows_per_peer, row)),
+                          reinterpret_cast<const int4*>(src + (r / (n - 1)) * row), row, lane);
+        }
+    }
+    if (steps & kCompletion) {
+        __syncthreads();  // orders the block's stores before each releasing add (cumulative)
+        if (threadIdx.x < n)
+            asm volatile("red.release.sys.global.add.u32 [%0], 1;" ::"l"(sig.counters[threadIdx.x] + rank) : "memory");
+        const unsigned expected = static_cast<unsigned>(call) * gridDim.x;
+        if (threadIdx.x < n) spin([&] { return ld_acquire_u32(sig.counters[rank] + threadIdx.x) >= expected; }, failed);
+        __syncthreads();
+    }
+    if (steps & kReduce) {
+        // Token t sums row t of each source's region (the sources that sent that many rows): pieces
+        // of a token row go to warps in turn, every source's vector loaded before the adds.
+        const int64_t per_src = l.own, vecs = row / 16;
+        const int64_t parts = max(int64_t{1}, warps_total() / tokens);
+        for (int64_t piece = warp_global(); piece < tokens * parts; piece += warps_total()) {
+            const int64_t t = piece / parts, part = piece - t * parts;
+            const int64_t begin = part * vecs / parts, end = (part + 1) * vecs / parts;
+            int4* dst = reinterpret_cast<int4*>(out + t * row);
+            for (int64_t v = begin + lane; v < end; v += 32) {
+                float acc[8] = {};
+                for (int s0 = 0; s0 < n && t < per_src; s0 += 4) {  // four sources' loads in flight
+                    int4 in[4];
+#pragma unroll
+                    for (int u = 0; u < 4; ++u)
+                        if (s0 + u < n) {
+                            const uint8_t* from = p.recv[rank] + ((s0 + u) * rows_per_peer + t) * row;
+                            in[u] = reinterpret_cast<const int4*>(from)[v];
+                        }
+#pragma unroll
+                    for (int u = 0; u < 4; ++u) {
+                        if (s0 + u >= n) break;
+                        const uint32_t w[4] = {static_cast<uint32_t>(in[u].x), static_cast<uint32_t>(in[u].y),
+                                               static_cast<uint32_t>(in[u].z), static_cast<uint32_t>(in[u].w)};
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) {
+                            acc[2 * i] += __uint_as_float(w[i] << 16);
+                            acc[2 * i + 1] += __uint_as_float(w[i] & 0xffff0000u);
+                        }
+                    }
+                }
+                uint32_t o[4];  // truncated to bf16: only the time counts here
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+                    o[i] = (__float_as_uint(acc[2 * i]) >> 16) | (__float_as_uint(acc[2 * i + 1]) & 0xffff0000u);
+                dst[v] = make_int4(static_cast<int>(o[0]), static_cast<int>(o[1]), static_cast<int>(o[2]),
+                                   static_cast<int>(o[3]));
+            }
+        }
+    }
+}
+
 // The share of tokens that go to a given rank: 1 - C(E - E/world, K) / C(E, K) (bytes and floors,
 // docs/perf-notes.md), for K distinct experts of E placed contiguously.
 double share_to_rank(int experts, int k, int world) {
     double none = 1.0;
     for (int i = 0; i < k; ++i) none *= static_cast<double>(experts - experts / world - i) / (experts - i);
     return 1.0 - none;
+}
+
+// `protocol` (see protocol_call): one line per case, the slowest GPU's median over 20 calls after
+// 3 warm-up calls, with the rows of `layouts` at this T.
+int run_protocol(int n, const Peers& peers, const std::vector<uint8_t*>& src, int64_t tokens, int64_t items,
+                 int64_t own, int64_t rows_per_peer, int64_t row, const std::vector<cudaStream_t>& streams,
+                 const std::vector<cudaEvent_t>& start, const std::vector<cudaEvent_t>& stop) {
+    Signals sig{};
+    std::vector<uint8_t*> out(n);
+    std::vector<int*> failed(n);
+    for (int g = 0; g < n; ++g) {
+        CHECK(cudaSetDevice(g));
+        CHECK(cudaMalloc(&sig.inbox[g], kMaxGpus * sizeof(uint64_t)));
+        CHECK(cudaMalloc(&sig.barrier[g], kMaxGpus * sizeof(uint64_t)));
+        CHECK(cudaMemset(sig.barrier[g], 0, kMaxGpus * sizeof(uint64_t)));
+        CHECK(cudaMalloc(&sig.counters[g], kMaxGpus * sizeof(unsigned)));
+        CHECK(cudaMalloc(&out[g], tokens * row));
+        CHECK(cudaMalloc(&failed[g], sizeof(int)));
+        CHECK(cudaMemset(failed[g], 0, sizeof(int)));
+    }
+    unsigned* gate = nullptr;  // mapped host memory: the host opens every GPU's held stream at once
+    CHECK(cudaHostAlloc(&gate, sizeof(unsigned), cudaHostAllocMapped | cudaHostAllocPortable));
+    *gate = 0;
+    struct ProtocolCase {
+        const char* name;
+        unsigned steps;
+        int blocks;
+    };
+    const ProtocolCase cases[] = {
+        {"launch alone", 0, 24},
+        {"exchange, completion (no rows)", kExchange | kCompletion, 24},
+        {"dispatch: exchange, rows, completion", kExchange | kRows | kCompletion, 24},
+        {"dispatch: exchange, rows, completion", kExchange | kRows | kCompletion, 132},
+        {"combine: rows, completion", kRows | kCompletion, 24},
+        {"combine: rows, completion", kRows | kCompletion, 132},
+        {"combine: rows, completion, reduce after", kRows | kCompletion | kReduce, 24},
+    };
+    std::printf("protocol: %lld remote rows and %lld own rows per GPU (%.1f MB egress), T = %lld\n",
+                static_cast<long long>(items), static_cast<long long>(own), items * row / 1e6,
+                static_cast<long long>(tokens));
+    std::printf("| steps | blocks | us (median, slowest GPU) |\n|---|---|---|\n");
+    unsigned opened = 0;
+    uint64_t lined_up = 0;
+    for (const ProtocolCase& c : cases) {
+        for (int g = 0; g < n; ++g) {  // call numbers restart at 1 in each case
+            CHECK(cudaSetDevice(g));
+            CHECK(cudaMemset(sig.inbox[g], 0, kMaxGpus * sizeof(uint64_t)));
+            CHECK(cudaMemset(sig.counters[g], 0, kMaxGpus * sizeof(unsigned)));
+            CHECK(cudaDeviceSynchronize());
+        }
+        std::vector<float> times;
+        for (uint64_t call = 1; call <= 23; ++call) {
+            ++opened;
+            ++lined_up;
+            for (int g = 0; g < n; ++g) {
+                CHECK(cudaSetDevice(g));
+                const LocalCopies l{src[g], peers.recv[g] + g * rows_per_peer * row, own, nullptr, 0, nullptr, 0, 0,
+                                    false};
+                hold<<<1, 1, 0, streams[g]>>>(gate, opened, failed[g]);
+                line_up<<<1, 32, 0, streams[g]>>>(sig, n, g, lined_up, failed[g]);
+                CHECK(cudaEventRecord(start[g], streams[g]));
+                protocol_call<<<c.blocks, 1024, 0, streams[g]>>>(peers, sig, n, g, c.steps, call, src[g], items,
+                                                                rows_per_peer, row, l, tokens, out[g], failed[g]);
+                CHECK(cudaGetLastError());
+                CHECK(cudaEventRecord(stop[g], streams[g]));
+            }
+            __atomic_store_n(gate, opened, __ATOMIC_RELEASE);
+            float slowest = 0;
+            for (int g = 0; g < n; ++g) {
+                CHECK(cudaSetDevice(g));
+                CHECK(cudaEventSynchronize(stop[g]));
+                float ms = 0;
+                CHECK(cudaEventElapsedTime(&ms, start[g], stop[g]));
+                slowest = std::max(slowest, ms);
+            }
+            if (call > 3) times.push_back(slowest);
+        }
+        for (int g = 0; g < n; ++g) {
+            int f = 0;
+            CHECK(cudaSetDevice(g));
+            CHECK(cudaMemcpy(&f, failed[g], sizeof(int), cudaMemcpyDeviceToHost));
+            if (f) {
+                std::printf("protocol: GPU %d timed out waiting in case '%s'\n", g, c.name);
+                return 1;
+            }
+        }
+        std::sort(times.begin(), times.end());
+        std::printf("| %s | %d | %.1f |\n", c.name, c.blocks, times[times.size() / 2] * 1e3);
+    }
+    return 0;
 }
 
 int main(int argc, char** argv) {
@@ -213,7 +457,8 @@ int main(int argc, char** argv) {
     const int64_t rows_per_peer = tokens;              // every token to every peer at most
     // `layouts`: the dispatch's copies inside each GPU too, token-major and expert-major, for the
     // DeepSeek shape (top-8 of 256 experts) at world n; otherwise the remote rows alone, P = 0.9.
-    const bool layouts = argc > 2 && std::string(argv[2]) == "layouts";
+    const bool protocol = argc > 2 && std::string(argv[2]) == "protocol";
+    const bool layouts = protocol || (argc > 2 && std::string(argv[2]) == "layouts");
     const double p_goes = layouts ? share_to_rank(256, 8, n) : 0.9;  // a token goes to a given rank
     const int64_t items = layouts ? std::llround(tokens * p_goes * (n - 1)) : tokens * 9 / 10 * (n - 1);
     const int64_t own = std::llround(tokens * p_goes);
@@ -237,6 +482,7 @@ int main(int argc, char** argv) {
         CHECK(cudaEventCreate(&stop[g]));
         CHECK(cudaFuncSetAttribute(tma_path, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
     }
+    if (protocol) return run_protocol(n, peers, src, tokens, items, own, rows_per_peer, row, streams, start, stop);
     const double bytes = static_cast<double>(items) * row;
     std::printf("store-ceiling: %d GPUs, %.1f MB egress per GPU, rows of %lld bytes\n", n, bytes / 1e6,
                 static_cast<long long>(row));
