@@ -332,42 +332,54 @@ __device__ __forceinline__ void signal_all(const EpPeers& peers, const EpDims& d
     }
 }
 
-// This rank's row in rank p's inbox for this call (double-buffered by call parity: a rank writes
-// call n + 2's row only once every rank finished call n).
-__device__ __forceinline__ uint64_t* inbox_row(const EpPeers& peers, const EpDims& dm, int p, int of_rank) {
-    const int parity = static_cast<int>(call_epoch(dm) & 1);
+// This rank's row in rank p's inbox for call `epoch` (double-buffered by call parity: a rank writes
+// call n + 2's row only once every rank finished call n). The inbox helpers take the call number
+// from the caller: each call_epoch is a round trip to memory, so a kernel loads it once.
+__device__ __forceinline__ uint64_t* inbox_row(const EpPeers& peers, const EpDims& dm, uint64_t epoch, int p,
+                                               int of_rank) {
+    const int parity = static_cast<int>(epoch & 1);
     return reinterpret_cast<uint64_t*>(peers.inbox[p]) +
            (parity * dm.world + of_rank) * EP_INBOX_ROW(dm.world, dm.num_experts);
 }
 
 // An inbox word: the value with the call number it belongs to in the high half (see moe_ep.h).
-__device__ __forceinline__ uint64_t inbox_word(const EpDims& dm, int value) {
-    return (call_epoch(dm) << 32) | static_cast<uint32_t>(value);
+__device__ __forceinline__ uint64_t inbox_word(uint64_t epoch, int value) {
+    return (epoch << 32) | static_cast<uint32_t>(value);
 }
 
-__device__ __forceinline__ bool inbox_word_is_current(const EpDims& dm, uint64_t word) {
-    return static_cast<uint32_t>(word >> 32) == static_cast<uint32_t>(call_epoch(dm));
+__device__ __forceinline__ bool inbox_word_is_current(uint64_t epoch, uint64_t word) {
+    return static_cast<uint32_t>(word >> 32) == static_cast<uint32_t>(epoch);
 }
 
 __device__ __forceinline__ int inbox_value(uint64_t word) { return static_cast<int>(static_cast<uint32_t>(word)); }
 
-// The word of rank `of_rank`'s receive slot in rank p's inbox (the last of its row).
-__device__ __forceinline__ uint64_t* slot_word(const EpPeers& peers, const EpDims& dm, int p, int of_rank) {
-    return inbox_row(peers, dm, p, of_rank) + dm.world + dm.num_experts;
+// Stores `value` as word i of this rank's row in every rank's inbox for call `epoch`. A relaxed
+// store: the word carries its call number, so a reader needs no flag after it.
+__device__ __forceinline__ void publish_word(const EpPeers& peers, const EpDims& dm, uint64_t epoch, int i,
+                                             int value) {
+    const uint64_t word = inbox_word(epoch, value);
+    for (int p = 0; p < dm.world; ++p) st_relaxed_sys(inbox_row(peers, dm, epoch, p, dm.rank) + i, word);
 }
 
-// One thread: waits until `word` of this rank's inbox, written by rank `from`, is this call's, and
-// returns it in `value`. False on timeout (reporting `from` as a missing EP_SIG_ENTER) or once the
-// call failed.
-__device__ bool await_inbox_word(const EpDims& dm, const uint64_t* word, int from, uint64_t deadline, int* err,
-                                 uint64_t* value) {
-    return spin_until([&] { return inbox_word_is_current(dm, *value = ld_relaxed_sys(word)); }, dm, deadline, true,
+// The word of rank `of_rank`'s receive slot in rank p's inbox (the last of its row).
+__device__ __forceinline__ uint64_t* slot_word(const EpPeers& peers, const EpDims& dm, uint64_t epoch, int p,
+                                               int of_rank) {
+    return inbox_row(peers, dm, epoch, p, of_rank) + dm.world + dm.num_experts;
+}
+
+// One thread: waits until `word` of this rank's inbox, written by rank `from`, is call `epoch`'s,
+// and returns it in `value`. False on timeout (reporting `from` as a missing EP_SIG_ENTER) or once
+// the call failed.
+__device__ bool await_inbox_word(const EpDims& dm, uint64_t epoch, const uint64_t* word, int from, uint64_t deadline,
+                                 int* err, uint64_t* value) {
+    return spin_until([&] { return inbox_word_is_current(epoch, *value = ld_relaxed_sys(word)); }, dm, deadline, true,
                       from, EP_SIG_ENTER, err);
 }
 
-// First staged row of destination d's receive slot of this call, as d published it.
-__device__ __forceinline__ int64_t slot_base(const EpPeers& peers, const EpDims& dm, int d) {
-    const int slot = inbox_value(__ldcg(reinterpret_cast<const unsigned long long*>(slot_word(peers, dm, dm.rank, d))));
+// First staged row of destination d's receive slot of call `epoch`, as d published it.
+__device__ __forceinline__ int64_t slot_base(const EpPeers& peers, const EpDims& dm, uint64_t epoch, int d) {
+    const auto* word = reinterpret_cast<const unsigned long long*>(slot_word(peers, dm, epoch, dm.rank, d));
+    const int slot = inbox_value(__ldcg(word));
     return static_cast<int64_t>(slot) * dm.world * dm.max_tokens;
 }
 
@@ -377,8 +389,9 @@ __device__ __forceinline__ int64_t slot_base(const EpPeers& peers, const EpDims&
 __device__ bool wait_slots(const EpPeers& peers, const EpDims& dm, int* err) {
     bool ok = true;
     if (threadIdx.x < dm.world) {
+        const uint64_t epoch = call_epoch(dm);
         uint64_t word;
-        ok = await_inbox_word(dm, slot_word(peers, dm, dm.rank, threadIdx.x), threadIdx.x,
+        ok = await_inbox_word(dm, epoch, slot_word(peers, dm, epoch, dm.rank, threadIdx.x), threadIdx.x,
                               global_timer_ns() + dm.timeout_ns, err, &word);
     }
     return __syncthreads_and(ok);
@@ -396,7 +409,8 @@ __device__ bool wait_slots(const EpPeers& peers, const EpDims& dm, int* err) {
 __device__ bool enter_call(const EpPeers& peers, const EpDims& dm, int recv_slot, int* err) {
     if (recv_slot >= 0) {
         if (blockIdx.x == 0 && threadIdx.x < dm.world) {
-            st_relaxed_sys(slot_word(peers, dm, threadIdx.x, dm.rank), inbox_word(dm, recv_slot));
+            const uint64_t epoch = call_epoch(dm);
+            st_relaxed_sys(slot_word(peers, dm, epoch, threadIdx.x, dm.rank), inbox_word(epoch, recv_slot));
         }
         return wait_slots(peers, dm, err);
     }
@@ -585,15 +599,17 @@ __device__ __forceinline__ void count_slot(const void* topk, int idx64, int64_t 
     }
 }
 
-// Block `world` of the route kernel: counts the slots of each expert into counts[world + e],
-// reports ids out of range and, when `slot_rank` is given, ranks every slot among the slots of its
-// expert in (t, k) order (slot_rank[t * K + k], -1 for dropped slots), which places it in its
-// expert-major group on the destination without waiting for the other slots. Warp w of the
-// first `segs` takes the w-th stretch of slots: it counts its stretch per expert, a scan over
-// the warps turns the counts into each stretch's first rank per expert, and each warp then walks
-// its stretch 32 slots at a time, matching equal experts across the lanes.
-__device__ void count_experts(const EpDims& dm, const void* topk, int idx64, int num_tokens, int* counts,
-                              int* slot_rank, int* hist_shared, int* scratch, int* err) {
+// Block `world` of the route kernel: counts the slots of each expert and hands each total to
+// `total(e, count)` (see ep_route_notify), reports ids out of range and, when `slot_rank` is given,
+// ranks every slot among the slots of its expert in (t, k) order (slot_rank[t * K + k], -1 for
+// dropped slots), which places it in its expert-major group on the destination without waiting
+// for the other slots. Warp w of the first `segs` takes the w-th stretch of slots: it counts its
+// stretch per expert, a scan over the warps turns the counts into each stretch's first rank per
+// expert, and each warp then walks its stretch 32 slots at a time, matching equal experts across
+// the lanes. `before_totals` runs in thread 0 before the barrier ahead of the totals.
+template <typename BeforeTotals, typename Total>
+__device__ void count_experts(const EpDims& dm, const void* topk, int idx64, int num_tokens, int* slot_rank,
+                              int* hist_shared, int* scratch, int* err, BeforeTotals before_totals, Total total) {
     const int E = dm.num_experts, K = dm.topk, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const bool in_shared = E <= EP_RANK_SHARED_INTS;
     const int64_t slots = static_cast<int64_t>(num_tokens) * K;
@@ -602,8 +618,9 @@ __device__ void count_experts(const EpDims& dm, const void* topk, int idx64, int
         for (int e = threadIdx.x; e < E; e += blockDim.x) hist_shared[e] = 0;
         __syncthreads();
         for (int64_t i = threadIdx.x; i < slots; i += blockDim.x) count_slot(topk, idx64, i, E, K, hist_shared, err);
+        if (threadIdx.x == 0) before_totals();
         __syncthreads();
-        for (int e = threadIdx.x; e < E; e += blockDim.x) counts[dm.world + e] = hist_shared[e];
+        for (int e = threadIdx.x; e < E; e += blockDim.x) total(e, hist_shared[e]);
         return;
     }
     // At least 32 slots a warp: every stretch costs each expert a step of the scan below, which
@@ -617,6 +634,7 @@ __device__ void count_experts(const EpDims& dm, const void* topk, int idx64, int
     const int64_t begin = w * stretch, end = min(slots, begin + stretch);
     int* mine = hist + static_cast<int64_t>(w) * E;
     for (int64_t i = begin + lane; w < segs && i < end; i += 32) count_slot(topk, idx64, i, E, K, mine, err);
+    if (threadIdx.x == 0) before_totals();
     __syncthreads();
     for (int e = threadIdx.x; e < E; e += blockDim.x) {
         int running = 0;
@@ -625,7 +643,7 @@ __device__ void count_experts(const EpDims& dm, const void* topk, int idx64, int
             hist[static_cast<int64_t>(v) * E + e] = running;
             running += c;
         }
-        counts[dm.world + e] = running;
+        total(e, running);
     }
     __syncthreads();
     if (!slot_rank || w >= segs) return;
@@ -644,89 +662,101 @@ __device__ void count_experts(const EpDims& dm, const void* topk, int idx64, int
 }
 
 // Source side routing, block d < world of the route kernel: finds, for each token t in ascending
-// order, its position among the tokens going to rank d (-1 if none), and their count (counts[d]),
-// then adds 1 to `routed` (release, device scope) for the block that exchanges the counts.
-__device__ void route_block(const EpDims& dm, const void* topk, int idx64, int num_tokens, const int* expert_rank,
-                            int* pos, int* counts, unsigned* routed) {
-    const int K = dm.topk;
+// order, its position among the tokens going to rank d (-1 if none), then publishes their count as
+// word d of this rank's inbox row on every rank (a thread per rank, as publish_word stores them)
+// and adds 1 to `routed` (release, device scope): the counting block commits the call number only
+// after every route block read it. The experts' owners are copied into `owners` (shared,
+// EP_RANK_SHARED_INTS ints) while the first slot ids are on their way, when they fit: the owner of
+// a slot is then no second round trip to memory after its id.
+__device__ void route_block(const EpPeers& peers, const EpDims& dm, uint64_t epoch, const void* topk, int idx64,
+                            int num_tokens, const int* expert_rank, int* owners, int* pos, unsigned* routed) {
+    const int K = dm.topk, E = dm.num_experts;
     const int d = blockIdx.x;
+    // Eight slots at a time, their ids loaded at once: token t's slots k0..k0+7 (-1 past K).
+    const auto load_ids = [&](int t, int k0, int (&e)[8]) {
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int64_t i = static_cast<int64_t>(t) * K + k0 + u;
+            e[u] = t < num_tokens && k0 + u < K ? slot_expert(topk, idx64, i, E) : -1;
+        }
+    };
+    int first_ids[8];
+    load_ids(threadIdx.x, 0, first_ids);
+    const bool staged = E <= EP_RANK_SHARED_INTS;
+    for (int e = threadIdx.x; staged && e < E; e += blockDim.x) owners[e] = expert_rank[e];
+    __syncthreads();
+    const int* owner = staged ? owners : expert_rank;
     int running = 0;
     for (int base = 0; base < num_tokens; base += blockDim.x) {
         const int t = base + threadIdx.x;
         int goes = 0;
-        // Eight slots at a time: their ids, then their owners, each batch of loads in flight at
-        // once instead of one id and one owner after another.
         for (int k0 = 0; t < num_tokens && k0 < K; k0 += 8) {
             int e[8];
+            if (base == 0 && k0 == 0) {
 #pragma unroll
-            for (int u = 0; u < 8; ++u) {
-                e[u] = k0 + u < K ? slot_expert(topk, idx64, static_cast<int64_t>(t) * K + k0 + u, dm.num_experts) : -1;
+                for (int u = 0; u < 8; ++u) e[u] = first_ids[u];
+            } else {
+                load_ids(t, k0, e);
             }
 #pragma unroll
-            for (int u = 0; u < 8; ++u) goes |= e[u] >= 0 && expert_rank[e[u]] == d;
+            for (int u = 0; u < 8; ++u) goes |= e[u] >= 0 && owner[e[u]] == d;
         }
         int total;
         int prefix = block_exclusive_scan(goes, &total);
         if (t < num_tokens) pos[static_cast<int64_t>(t) * dm.world + d] = goes ? running + prefix : -1;
         running += total;
     }
-    if (threadIdx.x == 0) {
-        counts[d] = running;
-        red_add_release_gpu(routed, 1u);
+    if (threadIdx.x < dm.world) {
+        st_relaxed_sys(inbox_row(peers, dm, epoch, threadIdx.x, dm.rank) + d, inbox_word(epoch, running));
     }
+    // The scan's barriers put every thread's read of the call number before this add.
+    if (threadIdx.x == 0) red_add_release_gpu(routed, 1u);
 }
 
-// The counting block's wait for the world route blocks' counts[0..world) (see route_block), after
-// which it resets `routed` for the next launch. False on timeout.
+// The counting block's wait (one thread) until the world route blocks read the call number (see
+// route_block), after which it resets `routed` for the next launch. False on timeout. Not cut
+// short by a failure: every route block must have added before the reset.
 __device__ bool await_routes(const EpDims& dm, unsigned* routed, int* err) {
-    __shared__ int ok;
-    if (threadIdx.x == 0) {
-        // Not cut short by a failure: every route block must have added before the reset.
-        ok = spin_until([&] { return ld_acquire_gpu(routed) >= static_cast<unsigned>(dm.world); }, dm,
-                        global_timer_ns() + dm.timeout_ns, false, dm.rank, EP_SIG_ENTER, err);
-        *routed = 0u;
-    }
-    // Thread 0's acquired view passes to the block through the barrier.
-    __syncthreads();
+    const bool ok = spin_until([&] { return ld_acquire_gpu(routed) >= static_cast<unsigned>(dm.world); }, dm,
+                               global_timer_ns() + dm.timeout_ns, false, dm.rank, EP_SIG_ENTER, err);
+    *routed = 0u;
     return ok;
 }
 
-// The count exchange, run by the route kernel's counting block once every count is known.
-// Publishes this rank's counts row (and receive slot) to every rank's inbox, each word carrying the
-// call number (moe_ep.h), which also tells every peer this rank entered the call: a peer reads a
-// word as soon as it is current, so no fence or flag separates the counts from their readers.
-// Waits until every rank's row here is current (into `staged`, EP_RANK_SHARED_INTS shared ints,
-// when it fits), then derives: where each source's rows start here (recv_base[world+1]), where
-// this rank's rows start on each destination (my_base_on[world]), the count tensors of the output,
-// the aligned expert-major offsets with the first row of each (source, local expert) in them
-// (group_base[world][E_local]), and every rank's capacity check (all ranks compute the same
-// verdict, so an overflow stops all of them alike).
-__device__ void notify(const EpPeers& peers, const EpDims& dm, const int* counts, const int* expert_rank,
-                       const int* local_experts, const int* capacity, int align, int recv_slot, int* recv_base,
-                       int* my_base_on, int* out_per_src, int* out_per_expert, int* out_offsets, int* group_base,
+// The count exchange, run by the route kernel's counting block once it has published its own
+// counts. Every rank's row in this rank's inbox (counts per destination from the route blocks,
+// per expert and the receive slot from the counting blocks) carries the call number in each word
+// (moe_ep.h), which also tells every peer this rank entered the call: a word is read as soon as
+// it is current, so no fence or flag separates the counts from their readers. Waits until every
+// rank's row here is current (into `staged`, EP_RANK_SHARED_INTS shared ints, when it fits), while
+// the block's last thread waits for this rank's route blocks (await_routes). Then derives: where
+// each source's rows start here (recv_base[world+1]), where this rank's rows start on each
+// destination (my_base_on[world]), the count tensors of the output, the aligned expert-major
+// offsets with the first row of each (source, local expert) in them (group_base[world][E_local]),
+// and every rank's capacity check (all ranks compute the same verdict, so an overflow stops all
+// of them alike).
+__device__ void notify(const EpPeers& peers, const EpDims& dm, uint64_t epoch, const int* expert_rank,
+                       const int* local_experts, const int* capacity, int align, int* recv_base, int* my_base_on,
+                       int* out_per_src, int* out_per_expert, int* out_offsets, int* group_base, unsigned* routed,
                        int* staged, int* err) {
-    const int n = dm.world + dm.num_experts, row = EP_INBOX_ROW(dm.world, dm.num_experts);
+    const int row = EP_INBOX_ROW(dm.world, dm.num_experts);
     // What the derivation below reads besides the inbox, loaded while the peers' rows are on their
     // way: the capacities, and each thread's first local expert.
     __shared__ int cap[EP_MAX_WORLD];
     if (threadIdx.x < dm.world) cap[threadIdx.x] = capacity[threadIdx.x];
     const int first_local = threadIdx.x < dm.num_local ? local_experts[threadIdx.x] : 0;
-    for (int i = threadIdx.x; i < row; i += blockDim.x) {
-        // counts[0..world) come from the route blocks: read past L1.
-        const uint64_t word = inbox_word(dm, i < n ? __ldcg(counts + i) : recv_slot);
-        for (int p = 0; p < dm.world; ++p) st_relaxed_sys(inbox_row(peers, dm, p, dm.rank) + i, word);
-    }
 
-    const uint64_t* mine = inbox_row(peers, dm, dm.rank, 0);
+    const uint64_t* mine = inbox_row(peers, dm, epoch, dm.rank, 0);
     const int words = dm.world * row;
     const bool in_shared = words <= EP_RANK_SHARED_INTS;
     const uint64_t deadline = global_timer_ns() + dm.timeout_ns;
     bool ok = true;
     for (int i = threadIdx.x; ok && i < words; i += blockDim.x) {
         uint64_t w;
-        ok = await_inbox_word(dm, mine + i, i / row, deadline, err, &w);
+        ok = await_inbox_word(dm, epoch, mine + i, i / row, deadline, err, &w);
         if (in_shared) staged[i] = inbox_value(w);
     }
+    if (threadIdx.x == blockDim.x - 1) ok = await_routes(dm, routed, err) && ok;
     if (!__syncthreads_and(ok)) return;
     EP_TRACE_POINT(kTraceCountsIn);
     // Every word is current: past L1, each reads as this call wrote it.
@@ -792,38 +822,48 @@ __device__ void notify(const EpPeers& peers, const EpDims& dm, const int* counts
     }
 }
 
-// A dispatch's first kernel, world + 1 blocks: routing in blocks 0..world-1 (see route_block);
-// block `world` counts (and, expert-major, ranks) the slots of each expert (count_experts), then
-// exchanges the counts once the route blocks' are in (see notify), which also publishes this
-// rank's receive slot, and commits the call number (commit_call; no other block reads it).
-// Expert-major, also each slot's rank in its expert (slot_rank [T * K]; rank_scratch int [32][E]
-// past EP_RANK_SHARED_INTS experts) and group_base. `done` counts the route blocks done.
+// A dispatch's first kernel, world + 1 blocks: routing in blocks 0..world-1 (see route_block,
+// which publish their counts per destination); block `world` counts (and, expert-major, ranks)
+// the slots of each expert (count_experts) and publishes those counts and this rank's receive
+// slot, then waits for every rank's and derives from them (see notify), and commits the call
+// number (commit_call; no other block reads it). Expert-major, also each slot's rank in its
+// expert (slot_rank [T * K]; rank_scratch int [32][E] past EP_RANK_SHARED_INTS experts) and
+// group_base. `done` counts the route blocks that read the call number.
 extern "C" __global__ void __launch_bounds__(1024)
     ep_route_notify(EpPeers peers, EpDims dm, const void* topk, int idx64, int num_tokens, const int* expert_rank,
                     const int* local_experts, const int* capacity, int align, int recv_slot, int* pos,
-                    int* counts, int* slot_rank, int* rank_scratch, int* recv_base, int* my_base_on,
-                    int* out_per_src, int* out_per_expert, int* out_offsets, int* group_base, unsigned* done,
-                    int* err) {
+                    int* slot_rank, int* rank_scratch, int* recv_base, int* my_base_on, int* out_per_src,
+                    int* out_per_expert, int* out_offsets, int* group_base, unsigned* done, int* err) {
     follow_prior_grids();
     EP_TRACE_POINT(kTraceRouteStart);
+    // The route blocks' owner table, else count_experts' histograms, then notify's inbox copy.
+    __shared__ int shared_ints[EP_RANK_SHARED_INTS];
+    const uint64_t epoch = call_epoch(dm);
     if (blockIdx.x < dm.world) {
-        route_block(dm, topk, idx64, num_tokens, expert_rank, pos, counts, done);
+        route_block(peers, dm, epoch, topk, idx64, num_tokens, expert_rank, shared_ints, pos, done);
         EP_TRACE_POINT(kTraceRouted);
         return;
     }
-    __shared__ int shared_ints[EP_RANK_SHARED_INTS];  // count_experts' histograms, then notify's inbox copy
-    // A call after a failure the host has not read yet exchanges nothing. The error record is
-    // loaded here and looked at after the counting, so its round trip overlaps it: nothing before
-    // the exchange fails the call but await_routes, which says so itself.
+    // A call after a failure the host has not read yet publishes nothing more and waits for no
+    // one. The error record is loaded here and looked at after the counting, so its round trip
+    // overlaps it. Its route blocks publish regardless: without this block's words, this rank's
+    // row never reads as complete to a peer.
     __shared__ int failed_before;
     const bool failed_at_start = threadIdx.x == 0 && failed(err);
-    count_experts(dm, topk, idx64, num_tokens, counts, slot_rank, shared_ints, rank_scratch, err);
-    if (threadIdx.x == 0) failed_before = failed_at_start;
+    count_experts(
+        dm, topk, idx64, num_tokens, slot_rank, shared_ints, rank_scratch, err,
+        [&] { failed_before = failed_at_start; },
+        [&](int e, int count) {
+            if (!failed_before) publish_word(peers, dm, epoch, dm.world + e, count);
+        });
+    if (threadIdx.x == 0 && !failed_before) publish_word(peers, dm, epoch, dm.world + dm.num_experts, recv_slot);
     __syncthreads();
     EP_TRACE_POINT(kTraceCounted);
-    if (await_routes(dm, done, err) && !failed_before) {
-        notify(peers, dm, counts, expert_rank, local_experts, capacity, align, recv_slot, recv_base, my_base_on,
-               out_per_src, out_per_expert, out_offsets, group_base, shared_ints, err);
+    if (!failed_before) {
+        notify(peers, dm, epoch, expert_rank, local_experts, capacity, align, recv_base, my_base_on, out_per_src,
+               out_per_expert, out_offsets, group_base, done, shared_ints, err);
+    } else if (threadIdx.x == 0) {
+        await_routes(dm, done, err);
     }
     __syncthreads();
     EP_TRACE_POINT(kTraceRouteEnd);
@@ -893,12 +933,16 @@ __device__ void send_rows(const EpPeers& peers, const EpDims& dm, const uint8_t*
     const int pieces = parts + side_apart;
     const int side_part = side_apart ? parts : 0;
     unsigned units = 0;  // lane d: the units this warp stored on destination d (token-major)
+    // Lane d: where this rank's rows start in destination d's receive slot, loaded once rather than
+    // for every item (the slot's word needs the call number first: two round trips to memory).
+    int64_t first_row = 0;
+    if (lane < W) first_row = slot_base(peers, dm, call_epoch(dm), lane) + my_base_on[lane];
     for (int64_t piece = warp; piece < items * pieces; piece += warps) {
         const int64_t item = piece / pieces;
         const int part = static_cast<int>(piece - item * pieces);
         const int t = static_cast<int>(item / W), d = static_cast<int>(item - static_cast<int64_t>(t) * W);
         const int p = pos[item];
-        const int64_t row = slot_base(peers, dm, d) + my_base_on[d] + p;
+        const int64_t row = __shfl_sync(0xffffffffu, first_row, d) + p;
         if (call_failed) return;
         if (p < 0) continue;
         if (part < parts) {

@@ -1106,12 +1106,11 @@ impl Backend for CudaBackend {
         // handle's state, and the metadata outputs (each group is dropped together). The payload
         // comes later: it may be the receive slot itself.
         let em = expert_major.is_some();
-        let [pos, counts, recv_base, my_base_on, row_src, row_map, row_weights, slot_rank, group_base, rank_scratch] =
+        let [pos, recv_base, my_base_on, row_src, row_map, row_weights, slot_rank, group_base, rank_scratch] =
             StreamBuffer::carve(
                 self.stream(),
                 [
                     num_tokens * world * 4,
-                    (world + c.num_experts) * 4,
                     (world + 1) * 4,
                     world * 4,
                     stage_rows * 2 * 4,
@@ -1165,7 +1164,6 @@ impl Backend for CudaBackend {
             expert_major.map_or(0, i32_of),
             i32_of(slot.index),
             pos.ptr(),
-            counts.ptr(),
             only_em(&slot_rank),
             match k::rank_scratch_ints(c.num_experts) {
                 0 => 0,
