@@ -120,8 +120,8 @@ __device__ __forceinline__ void local_copy(const LocalCopies& l, int64_t j, int6
 
 // `items` remote rows and l.own + l.expand local copies, the local ones spread evenly among the
 // remote ones (item i is local where the running share of local items steps up).
-__global__ void __launch_bounds__(1024) warp_path(Peers p, int n, int rank, const uint8_t* src, int64_t items,
-                                                  int64_t rows_per_peer, int64_t row, LocalCopies l) {
+__device__ void copy_rows(const Peers& p, int n, int rank, const uint8_t* src, int64_t items, int64_t rows_per_peer,
+                          int64_t row, const LocalCopies& l) {
     const int lane = threadIdx.x & 31;
     const int64_t local = l.own + l.expand, total = items + local;
     for (int64_t i = warp_global(); i < total; i += warps_total()) {
@@ -134,6 +134,11 @@ __global__ void __launch_bounds__(1024) warp_path(Peers p, int n, int rank, cons
         warp_copy_row(reinterpret_cast<int4*>(item_dst(p, n, rank, r, rows_per_peer, row)),
                       reinterpret_cast<const int4*>(src + (r / (n - 1)) * row), row, lane);
     }
+}
+
+__global__ void __launch_bounds__(1024) warp_path(Peers p, int n, int rank, const uint8_t* src, int64_t items,
+                                                  int64_t rows_per_peer, int64_t row, LocalCopies l) {
+    copy_rows(p, n, rank, src, items, rows_per_peer, row, l);
 }
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -283,19 +288,7 @@ __global__ void __launch_bounds__(1024)
             spin([&] { return ld_relaxed_u64(sig.inbox[rank] + threadIdx.x) >> 32 == call; }, failed);
         __syncthreads();
     }
-    if (steps & kRows) {
-        const int64_t local = l.own, total = items + local;
-        for (int64_t i = warp_global(); i < total; i += warps_total()) {
-            const int64_t local_before = i * local / total;
-            if ((i + 1) * local / total > local_before) {
-                local_copy(l, local_before, row, lane);
-                continue;
-            }
-            const int64_t r = i - local_before;
-            warp_copy_row(reinterpret_cast<int4*>(item_dst(p, n, rank, r, rows_per_peer, row)),
-                          reinterpret_cast<const int4*>(src + (r / (n - 1)) * row), row, lane);
-        }
-    }
+    if (steps & kRows) copy_rows(p, n, rank, src, items, rows_per_peer, row, l);
     if (steps & kCompletion) {
         __syncthreads();  // orders the block's stores before each releasing add (cumulative)
         if (threadIdx.x < n)
@@ -352,6 +345,19 @@ double share_to_rank(int experts, int k, int world) {
     double none = 1.0;
     for (int i = 0; i < k; ++i) none *= static_cast<double>(experts - experts / world - i) / (experts - i);
     return 1.0 - none;
+}
+
+// The slowest GPU's time from its start to its stop event, in ms, once every stop is reached.
+float slowest_ms(int n, const std::vector<cudaEvent_t>& start, const std::vector<cudaEvent_t>& stop) {
+    float slowest = 0;
+    for (int g = 0; g < n; ++g) {
+        CHECK(cudaSetDevice(g));
+        CHECK(cudaEventSynchronize(stop[g]));
+        float ms = 0;
+        CHECK(cudaEventElapsedTime(&ms, start[g], stop[g]));
+        slowest = std::max(slowest, ms);
+    }
+    return slowest;
 }
 
 // `protocol` (see protocol_call): one line per case, the slowest GPU's median over 20 calls after
@@ -419,14 +425,7 @@ int run_protocol(int n, const Peers& peers, const std::vector<uint8_t*>& src, in
                 CHECK(cudaEventRecord(stop[g], streams[g]));
             }
             __atomic_store_n(gate, opened, __ATOMIC_RELEASE);
-            float slowest = 0;
-            for (int g = 0; g < n; ++g) {
-                CHECK(cudaSetDevice(g));
-                CHECK(cudaEventSynchronize(stop[g]));
-                float ms = 0;
-                CHECK(cudaEventElapsedTime(&ms, start[g], stop[g]));
-                slowest = std::max(slowest, ms);
-            }
+            const float slowest = slowest_ms(n, start, stop);
             if (call > 3) times.push_back(slowest);
         }
         for (int g = 0; g < n; ++g) {
@@ -543,14 +542,7 @@ int main(int argc, char** argv) {
                 CHECK(cudaGetLastError());
                 CHECK(cudaEventRecord(stop[g], streams[g]));
             }
-            float slowest = 0;
-            for (int g = 0; g < n; ++g) {
-                CHECK(cudaSetDevice(g));
-                CHECK(cudaEventSynchronize(stop[g]));
-                float ms = 0;
-                CHECK(cudaEventElapsedTime(&ms, start[g], stop[g]));
-                slowest = std::max(slowest, ms);
-            }
+            const float slowest = slowest_ms(n, start, stop);
             if (it >= 3) times.push_back(slowest);
         }
         std::sort(times.begin(), times.end());
