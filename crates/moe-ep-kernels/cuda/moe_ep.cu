@@ -353,12 +353,17 @@ __device__ __forceinline__ bool inbox_word_is_current(uint64_t epoch, uint64_t w
 
 __device__ __forceinline__ int inbox_value(uint64_t word) { return static_cast<int>(static_cast<uint32_t>(word)); }
 
-// Stores `value` as word i of this rank's row in every rank's inbox for call `epoch`. A relaxed
+// Stores `value` as word i of this rank's row in rank p's inbox for call `epoch`. A relaxed
 // store: the word carries its call number, so a reader needs no flag after it.
+__device__ __forceinline__ void store_inbox_word(const EpPeers& peers, const EpDims& dm, uint64_t epoch, int p, int i,
+                                                 int value) {
+    st_relaxed_sys(inbox_row(peers, dm, epoch, p, dm.rank) + i, inbox_word(epoch, value));
+}
+
+// store_inbox_word to every rank, from one thread.
 __device__ __forceinline__ void publish_word(const EpPeers& peers, const EpDims& dm, uint64_t epoch, int i,
                                              int value) {
-    const uint64_t word = inbox_word(epoch, value);
-    for (int p = 0; p < dm.world; ++p) st_relaxed_sys(inbox_row(peers, dm, epoch, p, dm.rank) + i, word);
+    for (int p = 0; p < dm.world; ++p) store_inbox_word(peers, dm, epoch, p, i, value);
 }
 
 // The word of rank `of_rank`'s receive slot in rank p's inbox (the last of its row).
@@ -409,8 +414,7 @@ __device__ bool wait_slots(const EpPeers& peers, const EpDims& dm, int* err) {
 __device__ bool enter_call(const EpPeers& peers, const EpDims& dm, int recv_slot, int* err) {
     if (recv_slot >= 0) {
         if (blockIdx.x == 0 && threadIdx.x < dm.world) {
-            const uint64_t epoch = call_epoch(dm);
-            st_relaxed_sys(slot_word(peers, dm, epoch, threadIdx.x, dm.rank), inbox_word(epoch, recv_slot));
+            store_inbox_word(peers, dm, call_epoch(dm), threadIdx.x, dm.world + dm.num_experts, recv_slot);
         }
         return wait_slots(peers, dm, err);
     }
@@ -663,7 +667,7 @@ __device__ void count_experts(const EpDims& dm, const void* topk, int idx64, int
 
 // Source side routing, block d < world of the route kernel: finds, for each token t in ascending
 // order, its position among the tokens going to rank d (-1 if none), then publishes their count as
-// word d of this rank's inbox row on every rank (a thread per rank, as publish_word stores them)
+// word d of this rank's inbox row on every rank (store_inbox_word, a thread per rank)
 // and adds 1 to `routed` (release, device scope): the counting block commits the call number only
 // after every route block read it. The experts' owners are copied into `owners` (shared,
 // EP_RANK_SHARED_INTS ints) while the first slot ids are on their way, when they fit: the owner of
@@ -706,9 +710,7 @@ __device__ void route_block(const EpPeers& peers, const EpDims& dm, uint64_t epo
         if (t < num_tokens) pos[static_cast<int64_t>(t) * dm.world + d] = goes ? running + prefix : -1;
         running += total;
     }
-    if (threadIdx.x < dm.world) {
-        st_relaxed_sys(inbox_row(peers, dm, epoch, threadIdx.x, dm.rank) + d, inbox_word(epoch, running));
-    }
+    if (threadIdx.x < dm.world) store_inbox_word(peers, dm, epoch, threadIdx.x, d, running);
     // The scan's barriers put every thread's read of the call number before this add.
     if (threadIdx.x == 0) red_add_release_gpu(routed, 1u);
 }
